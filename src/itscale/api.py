@@ -1,0 +1,94 @@
+"""The short way in: open a model by name or URL, solve a problem with an algorithm by name.
+
+    from itscale import solve
+    result = solve("What is 12 * 7?", algorithm="particle-filter", budget=8)
+    print(result.answer, result.usage.total_tokens)
+
+For many problems, open the model once and call `asolve` (async) or an algorithm's `run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from itscale.errors import UsageError
+from itscale.lm.base import LanguageModel
+from itscale.lm.models import DEFAULT_MODEL
+from itscale.rewards.base import Reward
+from itscale.rewards.registry import DEFAULT_REWARD, make_reward
+from itscale.search import make_algorithm
+from itscale.search.core import Run, SearchSettings
+from itscale.types import Prompt, Result
+
+
+def open_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    backend_url: str | None = None,
+    backend_model: str | None = None,
+    backend_mode: str = "completions",
+    chat_template: str | None = None,
+    api_key: str | None = None,
+    **engine_options: Any,
+) -> LanguageModel:
+    """The embedded engine for a named model or GGUF path, or a server when `backend_url`
+    is given. `engine_options` go to LlamaCppModel (n_ctx, n_threads, n_batch, n_seq_max)."""
+    if backend_url:
+        from itscale.lm.openai import OpenAIModel
+
+        return OpenAIModel(backend_url, backend_model, mode=backend_mode, chat_template=chat_template, api_key=api_key)
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    return LlamaCppModel(model, chat_template=chat_template, **engine_options)
+
+
+async def asolve(
+    problem: str | Prompt,
+    algorithm: str = "particle-filter",
+    *,
+    lm: LanguageModel,
+    reward: Reward | str | None = DEFAULT_REWARD,
+    judge_model: Any = None,
+    settings: SearchSettings | None = None,
+    algorithm_options: dict[str, Any] | None = None,
+    observer: Callable[[Run], None] | None = None,
+    **setting_values: Any,
+) -> Result:
+    """Solves one problem on an open model. `setting_values` are SearchSettings fields."""
+    search = make_algorithm(algorithm, **(algorithm_options or {}))
+    unknown = set(setting_values) - set(SearchSettings.field_names())
+    if unknown:
+        raise UsageError(
+            f"unknown setting(s) {', '.join(sorted(unknown))}: use {', '.join(SearchSettings.field_names())}"
+        )
+    settings = (settings or SearchSettings()).replace(**setting_values)
+    if isinstance(reward, str):
+        reward = make_reward(reward, lm, judge_model) if search.uses_reward else None
+    return await search.run(lm, problem, settings, reward=reward, observer=observer)
+
+
+def solve(
+    problem: str | Prompt,
+    algorithm: str = "particle-filter",
+    *,
+    model: str = DEFAULT_MODEL,
+    backend_url: str | None = None,
+    backend_model: str | None = None,
+    reward: Reward | str | None = DEFAULT_REWARD,
+    algorithm_options: dict[str, Any] | None = None,
+    **setting_values: Any,
+) -> Result:
+    """Opens the model, solves one problem, closes the model."""
+
+    async def go() -> Result:
+        lm = open_model(model, backend_url=backend_url, backend_model=backend_model)
+        try:
+            return await asolve(
+                problem, algorithm, lm=lm, reward=reward, algorithm_options=algorithm_options, **setting_values
+            )
+        finally:
+            await lm.close()
+
+    return asyncio.run(go())

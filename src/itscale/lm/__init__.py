@@ -1,0 +1,1 @@
+"""Language-model backends: the embedded llama.cpp engine and OpenAI-compatible servers."""

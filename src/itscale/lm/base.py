@@ -1,0 +1,112 @@
+"""The `LanguageModel` protocol: extend many partial answers by one step, in one call.
+
+A search never talks to a model one particle at a time. It asks a backend to *start* a
+prompt, which gives a root `Branch`; it *forks* branches (a particle copied by resampling
+gets a fork of its parent's branch); it *extends* a list of branches by one step each in a
+single call; it *releases* branches it no longer needs. What a branch holds is the
+backend's business: the embedded engine keeps a KV-cache sequence per branch, so a fork
+shares the parent's cache instead of re-evaluating the prefix; a server backend keeps the
+text and re-sends it (the server's prefix cache, if any, does the rest).
+
+Forks are lazy and cheap to ask for: `fork` is synchronous, and the backend does the work
+(a KV copy, or nothing) when the fork is first extended or scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from itscale.errors import UsageError
+from itscale.types import Prompt
+
+DEFAULT_DELIMITER = "\n\n"
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How one step is generated.
+
+    `delimiter` ends a step when generated (the step keeps it); an integer instead makes
+    every step that many tokens. `max_step_tokens` caps one step (the particle goes on);
+    `max_tokens` caps a particle's whole answer (the particle finishes with end "length").
+    `temperature` 0 is greedy decoding.
+    """
+
+    delimiter: str | int = DEFAULT_DELIMITER
+    max_step_tokens: int = 256
+    max_tokens: int = 1024
+    temperature: float = 0.8
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.delimiter, str) and not self.delimiter:
+            raise UsageError("the step delimiter is empty: give a string such as '\\n\\n' or a token count")
+        if isinstance(self.delimiter, int) and self.delimiter < 1:
+            raise UsageError(f"a token-count step delimiter must be at least 1, got {self.delimiter}")
+        if self.max_step_tokens < 1 or self.max_tokens < 1:
+            raise UsageError("max_step_tokens and max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def step_token_cap(self) -> int:
+        if isinstance(self.delimiter, int):
+            return min(self.delimiter, self.max_step_tokens)
+        return self.max_step_tokens
+
+
+@dataclass
+class StepOutput:
+    """One branch's new step. `end` is "delimiter", "step_cap" or "eos" (the model ended
+    its answer). `prompt_tokens` counts the tokens the backend had to evaluate to serve the
+    request (for a server, the whole re-sent prefix; for the engine, the shared prompt once
+    and any prefix it could not take from the cache)."""
+
+    text: str
+    tokens: int
+    end: str
+    prompt_tokens: int = 0
+    logprob: float | None = None
+    self_certainty: float | None = None
+
+
+class Branch:
+    """A backend's handle on one partial answer. `steps` holds the text of each step."""
+
+    prompt: Prompt
+    steps: list[str]
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    name: str
+
+    async def start(self, prompt: Prompt) -> Branch:
+        """A root branch for the prompt (no step yet). Cheap: evaluation is deferred."""
+        ...
+
+    async def extend(
+        self,
+        branches: Sequence[Branch],
+        settings: StepSettings,
+        seeds: Sequence[int],
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[StepOutput]:
+        """Extends every branch by one step, all in one batched call; each branch is
+        updated in place. `seeds[i]` seeds branch i's sampling; `max_new_tokens[i]` lowers
+        its step cap (the particle's remaining token allowance)."""
+        ...
+
+    def fork(self, branch: Branch, steps: int | None = None) -> Branch:
+        """A new branch with the first `steps` steps of `branch` (all when None)."""
+        ...
+
+    def release(self, branch: Branch) -> None:
+        """The caller no longer needs `branch`; its resources may be reused."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,358 @@
+"""Any OpenAI-compatible server as a `LanguageModel` (vLLM, SGLang, llama.cpp, Ollama).
+
+Steps continue the assistant turn, which chat endpoints normally cannot do. Two ways:
+
+- `mode="completions"` (the default): render the chat template here and send raw text to
+  `/v1/completions`. The template is the one given, or the server's own (`GET /props` on
+  llama.cpp's server), or one read from a local GGUF / named model, else ChatML (reported in
+  `diagnostics`, never silently).
+- `mode="chat"`: `/v1/chat/completions` with the partial answer as the last assistant
+  message and vLLM's `continue_final_message: true, add_generation_prompt: false` (vLLM
+  and SGLang accept these).
+
+Servers tried here: llama-cpp-python's `python -m llama_cpp.server` (completions mode; it
+accepts `n` but returns one choice, which is detected and worked around). vLLM and SGLang
+are documented to accept the fields used (`n`, `seed`, `stop`, `continue_final_message`);
+they could not be run on this machine (no GPU).
+
+Requests go through one pooled httpx client with bounded concurrency. Timeouts, 429 and 5xx
+answers and dropped connections are retried with exponential backoff; anything else is a
+`BackendError` naming the server and what it said. Particles with the same text (children
+of one parent after resampling) share a request with `n` when the server supports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from itscale.errors import BackendError, UsageError
+from itscale.lm.base import Branch, StepOutput, StepSettings
+from itscale.lm.chat import CHATML, ChatTemplate
+from itscale.types import Prompt
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+@dataclass(eq=False)
+class RemoteBranch(Branch):
+    prompt: Prompt
+    prefix: str  # the rendered prompt (completions mode)
+    steps: list[str] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.steps)
+
+
+class OpenAIModel:
+    """A language model behind an OpenAI-compatible HTTP server."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        mode: Literal["completions", "chat"] = "completions",
+        chat_template: str | None = None,
+        max_concurrency: int = 16,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        logprobs: bool = False,
+    ):
+        if mode not in ("completions", "chat"):
+            raise UsageError(f"unknown mode {mode!r}: use 'completions' or 'chat'")
+        if not base_url.startswith(("http://", "https://")):
+            raise UsageError(f"the backend URL {base_url!r} must start with http:// or https://")
+        base = base_url.rstrip("/")
+        self.root_url = base.removesuffix("/v1")
+        self.api_url = self.root_url + "/v1"
+        self.model = model
+        self.name = model or self.root_url
+        self.mode = mode
+        self.api_key = api_key
+        self.max_concurrency = max_concurrency
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.logprobs = logprobs
+        self._template_source = chat_template
+        self.template: ChatTemplate | None = None
+        self.supports_n: bool | None = None  # learned from the first request with n > 1
+        self.diagnostics: dict[str, Any] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._setup_lock: asyncio.Lock | None = None
+
+    # ----------------------------------------------------------------- HTTP
+
+    def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            self._client = httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits)
+            self._client_loop = loop
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+            self._setup_lock = asyncio.Lock()
+        return self._client, self._semaphore
+
+    async def request(self, method: str, path: str, payload: dict | None = None, under_v1: bool = True) -> dict:
+        """One JSON request to `/v1{path}` (or `{path}` at the server root) with retries;
+        a clear BackendError when it cannot succeed."""
+        client, semaphore = self._http()
+        url = (self.api_url if under_v1 else self.root_url) + path
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
+            try:
+                async with semaphore:
+                    response = await client.request(method, url, json=payload)
+            except httpx.TimeoutException:
+                last = f"timed out after {self.timeout:g} s"
+                continue
+            except httpx.ConnectError as error:
+                # Nothing listening: one quick retry, then say so (no long backoff).
+                last = f"cannot reach the server ({error or 'connection refused'})"
+                if attempt >= 1:
+                    break
+                continue
+            except httpx.TransportError as error:
+                last = f"the connection failed ({type(error).__name__}: {error})"
+                continue
+            if response.status_code in RETRY_STATUS:
+                last = f"HTTP {response.status_code}: {_error_text(response)}"
+                continue
+            if response.status_code >= 400:
+                raise BackendError(f"{url} answered HTTP {response.status_code}: {_error_text(response)}")
+            try:
+                data = response.json()
+            except ValueError:
+                raise BackendError(f"{url} returned malformed JSON: {response.text[:200]!r}") from None
+            if not isinstance(data, dict):
+                raise BackendError(f"{url} returned JSON that is not an object: {response.text[:200]!r}")
+            return data
+        raise BackendError(f"{url}: {last} (gave up after {attempt + 1} attempts)")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ----------------------------------------------------------------- setup
+
+    async def _ensure_ready(self) -> None:
+        self._http()
+        async with self._setup_lock:
+            if self.model is None:
+                data = await self.request("GET", "/models")
+                try:
+                    self.model = data["data"][0]["id"]
+                except (KeyError, IndexError, TypeError):
+                    raise BackendError(f"{self.api_url}/models lists no model; pass the model name") from None
+                self.name = self.model
+            if self.mode == "completions" and self.template is None:
+                self.template = await self._find_template()
+
+    async def _find_template(self) -> ChatTemplate:
+        source = self._template_source
+        if source is not None:
+            from itscale.lm.chat import template_from_model
+
+            template = template_from_model(source)
+            self.diagnostics["chat_template"] = f"from {source}" if template.source != source else "given"
+            return template
+        try:
+            props = await self.request("GET", "/props", under_v1=False)
+            if isinstance(props.get("chat_template"), str) and props["chat_template"]:
+                self.diagnostics["chat_template"] = "from the server's /props"
+                return ChatTemplate(props["chat_template"], props.get("bos_token", ""), props.get("eos_token", ""))
+        except BackendError:
+            pass
+        self.diagnostics["chat_template"] = (
+            "assumed ChatML (the server does not publish its template; pass chat_template)"
+        )
+        return ChatTemplate(CHATML)
+
+    # ----------------------------------------------------------------- LanguageModel
+
+    async def start(self, prompt: Prompt) -> RemoteBranch:
+        await self._ensure_ready()
+        prefix = self.template.prompt_text(prompt) if self.mode == "completions" else ""
+        return RemoteBranch(prompt, prefix)
+
+    def fork(self, branch: Branch, steps: int | None = None) -> RemoteBranch:
+        assert isinstance(branch, RemoteBranch)
+        k = len(branch.steps) if steps is None else steps
+        return RemoteBranch(branch.prompt, branch.prefix, branch.steps[:k], branch.finished and k == len(branch.steps))
+
+    def release(self, branch: Branch) -> None:
+        pass
+
+    async def extend(
+        self,
+        branches: Sequence[Branch],
+        settings: StepSettings,
+        seeds: Sequence[int],
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[StepOutput]:
+        await self._ensure_ready()
+        caps = [
+            settings.step_token_cap if max_new_tokens is None else max(1, min(settings.step_token_cap, m))
+            for m in (max_new_tokens or [0] * len(branches))
+        ]
+        groups: dict[tuple, list[int]] = {}
+        for i, b in enumerate(branches):
+            assert isinstance(b, RemoteBranch)
+            groups.setdefault((b.prompt, b.text, caps[i]), []).append(i)
+        outputs: list[StepOutput | None] = [None] * len(branches)
+
+        async def run_group(members: list[int]) -> None:
+            first = branches[members[0]]
+            results = await self._sample(first, settings, caps[members[0]], [seeds[i] for i in members])
+            for i, out in zip(members, results, strict=True):
+                outputs[i] = out
+
+        await asyncio.gather(*(run_group(m) for m in groups.values()))
+        for b, out in zip(branches, outputs, strict=True):
+            b.steps.append(out.text)
+            b.finished = out.end == "eos"
+        return outputs  # type: ignore[return-value]
+
+    async def _sample(
+        self, branch: RemoteBranch, settings: StepSettings, cap: int, seeds: list[int]
+    ) -> list[StepOutput]:
+        """`len(seeds)` continuations of one text: one request with n when the server
+        supports it, else one request per seed."""
+        n = len(seeds)
+        if n > 1 and self.supports_n is not False:
+            choices, usage = await self._complete(branch, settings, cap, seeds[0], n)
+            if self.supports_n is None:
+                self.supports_n = len(choices) >= n
+                self.diagnostics["server_supports_n"] = self.supports_n
+            if len(choices) >= n:
+                return self._outputs(choices[:n], usage, settings)
+            done = self._outputs(choices, usage, settings)
+            rest = await asyncio.gather(*(self._sample(branch, settings, cap, [s]) for s in seeds[len(choices) :]))
+            return done + [o for outs in rest for o in outs]
+        choices, usage = await self._complete(branch, settings, cap, seeds[0], 1)
+        if not choices:
+            raise BackendError(f"{self.api_url} returned no choices")
+        return self._outputs(choices[:1], usage, settings)
+
+    async def _complete(
+        self, branch: RemoteBranch, settings: StepSettings, cap: int, seed: int, n: int
+    ) -> tuple[list[dict], dict]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": cap,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "seed": int(seed % (2**31)),
+            "n": n,
+        }
+        if isinstance(settings.delimiter, str):
+            payload["stop"] = [settings.delimiter]
+        if self.mode == "completions":
+            payload["prompt"] = branch.prefix + branch.text
+            if self.logprobs:
+                payload["logprobs"] = 1
+            data = await self.request("POST", "/completions", payload)
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in branch.prompt.messages]
+            messages.append({"role": "assistant", "content": branch.text})
+            payload.update(messages=messages, continue_final_message=True, add_generation_prompt=False)
+            if self.logprobs:
+                payload["logprobs"] = True
+            data = await self.request("POST", "/chat/completions", payload)
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise BackendError(f"{self.api_url} returned no 'choices' list: {json.dumps(data)[:200]}")
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return choices, usage
+
+    def _outputs(self, choices: list[dict], usage: dict, settings: StepSettings) -> list[StepOutput]:
+        texts = [_choice_text(c) for c in choices]
+        token_counts = _split_tokens(usage.get("completion_tokens"), texts, choices)
+        outputs = []
+        for i, (choice, text, tokens) in enumerate(zip(choices, texts, token_counts, strict=True)):
+            reason = choice.get("finish_reason")
+            stop_reason = choice.get("stop_reason")
+            if reason == "length":
+                end = "step_cap"
+            elif isinstance(settings.delimiter, str) and (
+                stop_reason == settings.delimiter or (stop_reason is None and "stop_reason" not in choice and text)
+            ):
+                # The server stopped on our delimiter (it strips stop strings from the text);
+                # a server that does not say why is trusted unless it returned nothing.
+                end = "delimiter"
+                text += settings.delimiter
+            else:
+                end = "eos"
+            outputs.append(
+                StepOutput(
+                    text=text,
+                    tokens=tokens,
+                    end=end,
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0) if i == 0 else 0,
+                    logprob=_logprob_sum(choice),
+                )
+            )
+        return outputs
+
+
+def _choice_text(choice: dict) -> str:
+    text = choice["text"] if "text" in choice else (choice.get("message") or {}).get("content")
+    if not isinstance(text, str):
+        raise BackendError(f"a choice carries no text: {json.dumps(choice)[:200]}")
+    return text
+
+
+def _split_tokens(total: Any, texts: list[str], choices: list[dict]) -> list[int]:
+    """Completion tokens per choice: exact from logprobs when present, else the server's
+    total split in proportion to text length (the sum stays exact)."""
+    exact = []
+    for c in choices:
+        lp = c.get("logprobs") or {}
+        tokens = lp.get("tokens") if isinstance(lp, dict) else None
+        content = lp.get("content") if isinstance(lp, dict) else None
+        exact.append(len(tokens) if isinstance(tokens, list) else len(content) if isinstance(content, list) else None)
+    if all(e is not None for e in exact):
+        return exact  # type: ignore[return-value]
+    if not isinstance(total, int):
+        return [max(1, len(t) // 4) for t in texts]
+    lengths = [max(1, len(t)) for t in texts]
+    shares = [total * n // sum(lengths) for n in lengths]
+    shares[0] += total - sum(shares)
+    return shares
+
+
+def _logprob_sum(choice: dict) -> float | None:
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    if isinstance(lp.get("token_logprobs"), list):
+        return float(sum(v for v in lp["token_logprobs"] if isinstance(v, int | float)))
+    if isinstance(lp.get("content"), list):
+        return float(sum(t.get("logprob", 0.0) for t in lp["content"] if isinstance(t, dict)))
+    return None
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        error = data.get("error", data) if isinstance(data, dict) else data
+        message = error.get("message", error) if isinstance(error, dict) else error
+        text = str(message)
+    except ValueError:
+        text = response.text
+    return " ".join(text.split())[:300] or response.reason_phrase

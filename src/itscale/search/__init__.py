@@ -1,0 +1,35 @@
+"""Search and sampling algorithms, each a short policy over the population loop in
+`core.py`. `ALGORITHMS` maps the names the CLI and the server use to the classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from itscale.errors import UsageError
+from itscale.search.core import Run, Search, SearchSettings
+from itscale.search.particle_filter import ParticleFilter
+from itscale.search.sampling import BestOfN, Greedy, SelfConsistency, WeightedBestOfN
+
+ALGORITHMS: dict[str, type[Search]] = {
+    cls.name: cls for cls in [Greedy, SelfConsistency, BestOfN, WeightedBestOfN, ParticleFilter]
+}
+
+
+def make_algorithm(name: str, **options: Any) -> Search:
+    """An algorithm by name with its own options (mode="sound", temperature=0.5, ...).
+    "particle-filter-sound" is a shorthand for particle-filter with mode="sound"."""
+    if name == "particle-filter-sound":
+        name, options = "particle-filter", {"mode": "sound", **options}
+    if name not in ALGORITHMS:
+        raise UsageError(f"unknown algorithm {name!r}: use one of {', '.join(algorithm_names())}")
+    try:
+        return ALGORITHMS[name](**options)
+    except TypeError as error:
+        raise UsageError(f"bad option for algorithm {name!r}: {error}") from None
+
+
+def algorithm_names() -> list[str]:
+    return [*ALGORITHMS, "particle-filter-sound"]
+
+
+__all__ = ["ALGORITHMS", "Run", "Search", "SearchSettings", "algorithm_names", "make_algorithm"]

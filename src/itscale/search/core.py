@@ -1,0 +1,383 @@
+"""The population loop every algorithm shares, and the settings they all accept.
+
+    start N particles ──► propose: extend every live particle by one step (one batched call)
+                          score:   the reward scores each new step (batched, cached)
+                          select:  the algorithm's policy (weigh and resample, keep top-k, …)
+                          stop?    all finished, the step cap, or the token budget spent
+
+An algorithm is a `Search` subclass that sets a few class attributes and overrides
+`select` (after every step) and `choose` (at the end); algorithms with several sweeps
+(particle Gibbs, parallel tempering) override `search` and call the loop more than once.
+
+Semantics that matter (the anchors got these wrong):
+- a finished particle (end of turn, a complete \\boxed{} answer, its token cap, or the step
+  cap) is absorbing: resampling may copy it, nothing extends it again;
+- `max_steps=k` means at most k steps;
+- every token is counted: the prompt, every generated step, and every reward call;
+- the same seed with the same backend gives the same result: each step's sampling seed is
+  derived from (seed, sweep, step, particle id), selection draws from one seeded stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, ClassVar
+
+import numpy as np
+
+from itscale.answers import has_boxed_answer, majority
+from itscale.errors import UsageError
+from itscale.lm.base import DEFAULT_DELIMITER, LanguageModel, StepSettings
+from itscale.lm.chat import MATH_SYSTEM_PROMPT
+from itscale.rewards.base import AGGREGATIONS, Reward, RewardGuard, ScoreRequest, aggregate
+from itscale.types import Particle, Prompt, Resampling, Result, Step, Stopwatch, Usage
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Settings every algorithm accepts, under the same names in Python, the CLI
+    (`--max-steps`) and the server (`"max_steps"`).
+
+    budget: particles (rollouts); seed: makes a run reproducible; max_steps: at most this
+    many steps per particle; delimiter: ends a step ("\\n\\n", or a token count);
+    max_step_tokens / max_tokens: caps per step / per particle; temperature, top_p: the
+    generator's sampling; token_budget: a hard cap on generated plus reward tokens, after
+    which the search returns its best current answer marked budget-limited; system_prompt:
+    prepended when the prompt has none; reward_*: how a failing reward is handled.
+    """
+
+    budget: int = 8
+    seed: int = 0
+    max_steps: int = 40
+    delimiter: str | int = DEFAULT_DELIMITER
+    max_step_tokens: int = 256
+    max_tokens: int = 1024
+    temperature: float = 0.8
+    top_p: float = 1.0
+    token_budget: int | None = None
+    system_prompt: str | None = MATH_SYSTEM_PROMPT
+    reward_fallback: float = 0.5
+    reward_timeout: float = 300.0
+    max_reward_failures: int = 3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise UsageError(f"budget must be a positive integer, got {self.budget!r}")
+        if self.max_steps < 1:
+            raise UsageError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise UsageError(f"token_budget must be positive, got {self.token_budget}")
+        if not 0.0 <= self.reward_fallback <= 1.0:
+            raise UsageError(f"reward_fallback must be in [0, 1], got {self.reward_fallback}")
+        self.step_settings()  # validates the step fields
+
+    def step_settings(self, **overrides: Any) -> StepSettings:
+        values = {
+            "delimiter": self.delimiter,
+            "max_step_tokens": self.max_step_tokens,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+        values.update(overrides)
+        return StepSettings(**values)
+
+    def replace(self, **changes: Any) -> SearchSettings:
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+class Run:
+    """One execution of an algorithm on one prompt: the population and its bookkeeping."""
+
+    def __init__(
+        self,
+        algorithm: Search,
+        lm: LanguageModel,
+        prompt: Prompt,
+        settings: SearchSettings,
+        reward: Reward | None,
+    ):
+        self.algorithm, self.lm, self.prompt, self.settings = algorithm, lm, prompt, settings
+        self.reward = reward
+        self.guard = (
+            RewardGuard(reward, settings.reward_fallback, settings.reward_timeout, settings.max_reward_failures)
+            if reward is not None
+            else None
+        )
+        self.step_settings = algorithm.step_settings(settings)
+        self.particles: list[Particle] = []
+        self.usage = Usage()
+        self.genealogy: list[Resampling] = []
+        self.diagnostics: dict[str, Any] = {}
+        self.rng = np.random.default_rng(derive_seed(settings.seed, 0xA1))
+        self.step = 0  # steps taken in the current sweep
+        self.sweep = 0
+        self.budget_limited = False
+        self.observer: Callable[[Run], None] | None = None
+        self._ids = itertools.count()
+
+    # ---------------------------------------------------------------- population
+
+    async def start(self, n: int) -> list[Particle]:
+        """N fresh particles, each on a fork of the prompt (evaluated once, shared)."""
+        root = await self.lm.start(self.prompt)
+        particles = [Particle(id=next(self._ids), branch=self.lm.fork(root)) for _ in range(n)]
+        self.lm.release(root)
+        self.step = 0
+        return particles
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def live(self) -> list[Particle]:
+        return [p for p in self.particles if not p.finished]
+
+    def finish(self, particle: Particle, end: str) -> None:
+        particle.finished, particle.end = True, end
+
+    def release(self, particle: Particle) -> None:
+        if particle.branch is not None:
+            self.lm.release(particle.branch)
+            particle.branch = None
+
+    def select(self, parents: Sequence[int], ess: float | None = None) -> None:
+        """Replaces the population by copies of `parents` (indices into it). A child gets
+        a fork of its parent's branch (finished children need none); the old branches are
+        released, so the engine hands each parent's KV cells to one child without copying."""
+        old = self.particles
+        children = []
+        for i in parents:
+            parent = old[i]
+            child = parent.copy(self.new_id())
+            if not parent.finished and parent.branch is not None:
+                child.branch = self.lm.fork(parent.branch)
+            children.append(child)
+        for p in old:
+            self.release(p)
+        self.genealogy.append(Resampling(self.step, [old[i].id for i in parents], [c.id for c in children], ess=ess))
+        self.particles = children
+
+    def budget_spent(self) -> bool:
+        cap = self.settings.token_budget
+        return cap is not None and self.usage.budget_tokens >= cap
+
+    # ---------------------------------------------------------------- propose
+
+    async def extend(self, particles: Sequence[Particle], settings: StepSettings | None = None) -> None:
+        """One step for every given live particle, in one batched call."""
+        live = [p for p in particles if not p.finished]
+        if not live:
+            return
+        settings = settings or self.step_settings
+        seeds = [derive_seed(self.settings.seed, self.sweep, self.step, p.id) for p in live]
+        remaining = [max(1, settings.max_tokens - p.tokens) for p in live]
+        with Stopwatch(self.usage, "lm_seconds"):
+            outputs = await self.lm.extend([p.branch for p in live], settings, seeds, remaining)
+        self.usage.lm_calls += 1
+        for p, out in zip(live, outputs, strict=True):
+            p.steps.append(Step(out.text, out.tokens, out.end, out.logprob, out.self_certainty))
+            self.usage.prompt_tokens += out.prompt_tokens
+            self.usage.completion_tokens += out.tokens
+            if out.end == "eos":
+                self.finish(p, "eos")
+            elif has_boxed_answer(out.text):
+                self.finish(p, "answer")
+            elif out.end == "length" or p.tokens >= settings.max_tokens:
+                self.finish(p, "length")
+
+    # ---------------------------------------------------------------- score
+
+    def _request(self, p: Particle, k: int, branch: Any) -> ScoreRequest:
+        texts = [s.text for s in p.steps[:k]]
+        if self.algorithm.aggregation == "model":
+            return ScoreRequest.for_prefix(self.prompt, texts, branch)
+        return ScoreRequest(self.prompt, tuple(texts), branch)
+
+    async def score(self, particles: Sequence[Particle], all_steps: bool = False) -> None:
+        """Scores the particles' unscored steps: the last one, or with `all_steps` every
+        step the aggregation needs (only the last for "last" and "model")."""
+        if self.guard is None:
+            return
+        need_all = all_steps and self.algorithm.aggregation not in ("last", "model")
+        requests, targets, temporary = [], [], []
+        for p in particles:
+            if not p.steps:
+                continue
+            ks = range(1, len(p.steps) + 1) if need_all else [len(p.steps)]
+            for k in ks:
+                if p.steps[k - 1].score is not None:
+                    continue
+                branch = p.branch
+                if branch is not None and k < len(p.steps):
+                    branch = self.lm.fork(branch, steps=k)
+                    temporary.append(branch)
+                requests.append(self._request(p, k, branch))
+                targets.append((p, k))
+        if not requests:
+            return
+        try:
+            with Stopwatch(self.usage, "reward_seconds"):
+                scores = await self.guard.score(requests)
+        finally:
+            for b in temporary:
+                self.lm.release(b)
+        self.usage.reward_calls += 1
+        self.usage.reward_tokens += scores.tokens
+        for key, value in scores.notes.items():
+            self.diagnostics.setdefault("reward_notes", {})[key] = value
+        for (p, k), value in zip(targets, scores.values, strict=True):
+            p.steps[k - 1].score = value
+        for p in {id(p): p for p, _ in targets}.values():
+            p.score = aggregate(p.step_scores(), self.algorithm.aggregation)
+
+    # ---------------------------------------------------------------- the loop
+
+    async def loop(self) -> None:
+        """Propose, score, select until every particle has finished, the step cap is
+        reached or the token budget is spent."""
+        while self.live():
+            if self.budget_spent():
+                self.budget_limited = True
+                break
+            live = self.live()
+            await self.extend(live)
+            self.step += 1
+            if self.step >= self.settings.max_steps:
+                for p in live:
+                    if not p.finished:
+                        self.finish(p, "max_steps")
+            if self.algorithm.score_each_step:
+                await self.score(live)
+            await self.algorithm.select(self)
+            for p in self.particles:
+                if p.finished:
+                    self.release(p)
+            if self.observer is not None:
+                self.observer(self)
+
+    # ---------------------------------------------------------------- result
+
+    def result(self, chosen: Particle | None, answer: str | None, weights: Sequence[float]) -> Result:
+        for p in self.particles:
+            self.release(p)
+        if self.guard is not None:
+            self.diagnostics.update(self.guard.diagnostics())
+        return Result(
+            answer=answer,
+            text=chosen.text if chosen is not None else "",
+            particles=self.particles,
+            weights=[float(w) for w in weights],
+            algorithm=self.algorithm.name,
+            usage=self.usage,
+            genealogy=self.genealogy,
+            diagnostics=self.diagnostics,
+            settings={
+                **asdict(self.settings),
+                **self.algorithm.describe(),
+                "reward": getattr(self.reward, "name", None),
+            },
+            budget_limited=self.budget_limited,
+        )
+
+
+class Search:
+    """An algorithm: a policy over the population loop.
+
+    Class attributes: `name` (as used by the CLI and the server); `uses_reward` (whether
+    a reward is required); `score_each_step` (score every new step, else only at the end).
+    Instance attribute `aggregation` turns step scores into one particle score.
+    """
+
+    name: ClassVar[str] = "search"
+    uses_reward: ClassVar[bool] = True
+    score_each_step: ClassVar[bool] = True
+
+    def __init__(self, aggregation: str = "model"):
+        if aggregation not in AGGREGATIONS:
+            raise UsageError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+        self.aggregation = aggregation
+
+    def describe(self) -> dict[str, Any]:
+        """The algorithm's own settings, recorded in the result."""
+        return {"algorithm": self.name, "aggregation": self.aggregation}
+
+    def population_size(self, budget: int) -> int:
+        return budget
+
+    def step_settings(self, settings: SearchSettings) -> StepSettings:
+        return settings.step_settings()
+
+    async def run(
+        self,
+        lm: LanguageModel,
+        prompt: str | Prompt,
+        settings: SearchSettings | None = None,
+        reward: Reward | None = None,
+        observer: Callable[[Run], None] | None = None,
+        **overrides: Any,
+    ) -> Result:
+        """Solves one prompt. `overrides` are SearchSettings fields (budget=16, seed=1);
+        `observer` is called with the run after every step (for progress displays)."""
+        settings = (settings or SearchSettings()).replace(**overrides) if overrides else (settings or SearchSettings())
+        if self.uses_reward and reward is None:
+            raise UsageError(f"algorithm {self.name!r} needs a reward; pass one (for example LLMJudge)")
+        prompt = Prompt.of(prompt, system=settings.system_prompt)
+        run = Run(self, lm, prompt, settings, reward if self.uses_reward else None)
+        run.observer = observer
+        started = time.perf_counter()
+        try:
+            result = await self.search(run)
+        finally:
+            for p in run.particles:
+                run.release(p)
+        result.usage.seconds = time.perf_counter() - started
+        return result
+
+    async def search(self, run: Run) -> Result:
+        run.particles = await run.start(self.population_size(run.settings.budget))
+        await run.loop()
+        await self.finalise(run)
+        return self.choose(run)
+
+    async def select(self, run: Run) -> None:
+        """After every step: weigh and select. The default keeps every particle."""
+
+    async def finalise(self, run: Run) -> None:
+        """After the loop: score what the choice needs. The default scores every final
+        particle's unscored steps."""
+        await run.score(run.particles, all_steps=True)
+
+    def choose(self, run: Run) -> Result:
+        """The answer: by default the particle with the highest score."""
+        scores = [p.score if p.score is not None else -math.inf for p in run.particles]
+        best = int(np.argmax(scores))
+        total = sum(s for s in scores if s > -math.inf) or 1.0
+        weights = [max(s, 0.0) / total if s > -math.inf else 0.0 for s in scores]
+        chosen = run.particles[best]
+        return run.result(chosen, chosen.answer, weights)
+
+
+def vote(run: Run, weights: Sequence[float] | None = None) -> tuple[Particle | None, str | None, dict[str, float]]:
+    """Majority (or weighted) vote over the particles' answers; the chosen particle is the
+    heaviest one with the winning answer. A particle without an answer is no vote."""
+    answers = [p.answer for p in run.particles]
+    winner, totals = majority(answers, list(weights) if weights is not None else None)
+    if winner is None:
+        return (run.particles[0] if run.particles else None), None, totals
+    from itscale.answers import is_equivalent
+
+    members = [i for i, a in enumerate(answers) if a is not None and (a == winner or is_equivalent(a, winner))]
+    best = max(members, key=lambda i: weights[i] if weights is not None else 1.0)
+    return run.particles[best], winner, totals

@@ -1,0 +1,172 @@
+"""Particle filtering over reasoning steps (Puri et al., 2025), in two modes.
+
+The trace is a state-space model: each step a state, the LLM the transition, the process
+reward the (approximate) likelihood.
+
+`mode="paper"` reproduces the paper: after every step each particle's weight is
+softmax(logit(r_t) / temperature) over the whole pool, where r_t is the reward of its
+current prefix, and the pool is resampled multinomially at every step. Finished particles
+stay in the pool (they can be copied) and are never extended.
+
+`mode="sound"` is a twisted sequential Monte Carlo sampler whose weights mean something:
+the incremental log-weight of a particle that took a step is log r_t - log r_{t-1} (so the
+product telescopes to the final reward), finished particles are absorbing (incremental
+weight 1), resampling happens only when the effective sample size falls below
+`ess_threshold * N`, with a low-variance scheme (systematic by default), and the log
+normalising constant (log-evidence) is estimated along the way. Its final weighted
+particles approximate p(x) r(x) / Z.
+
+In both modes there is no resampling after the last step: it could only lose the best
+particle. The answer is the particle with the highest weight, or with `final="vote"` the
+answer with the largest total weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+
+from itscale.errors import UsageError
+from itscale.rewards.base import aggregate
+from itscale.search.core import Run, Search, vote
+from itscale.search.resampling import (
+    SCHEMES,
+    effective_sample_size,
+    logit,
+    normalise_log_weights,
+    resample,
+)
+from itscale.types import Particle, Result
+
+Mode = Literal["paper", "sound"]
+
+
+class ParticleFilter(Search):
+    name = "particle-filter"
+
+    def __init__(
+        self,
+        mode: Mode = "paper",
+        temperature: float = 1.0,
+        resampling: str | None = None,
+        ess_threshold: float = 0.5,
+        final: Literal["weight", "vote"] | None = None,
+        aggregation: str = "model",
+    ):
+        super().__init__(aggregation)
+        if mode not in ("paper", "sound"):
+            raise UsageError(f"unknown particle-filter mode {mode!r}: use 'paper' or 'sound'")
+        if temperature <= 0:
+            raise UsageError(f"the resampling temperature must be positive, got {temperature}")
+        if not 0 <= ess_threshold <= 1:
+            raise UsageError(f"ess_threshold is a fraction of N in [0, 1], got {ess_threshold}")
+        self.mode = mode
+        self.temperature = temperature
+        self.resampling = resampling or ("multinomial" if mode == "paper" else "systematic")
+        if self.resampling not in SCHEMES:
+            raise UsageError(f"unknown resampling scheme {self.resampling!r}: use one of {', '.join(SCHEMES)}")
+        self.ess_threshold = ess_threshold
+        self.final = final or ("weight" if mode == "paper" else "vote")
+        if self.final not in ("weight", "vote"):
+            raise UsageError(f"final must be 'weight' or 'vote', got {self.final!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "mode": self.mode,
+            "temperature": self.temperature,
+            "resampling": self.resampling,
+            "ess_threshold": self.ess_threshold,
+            "final": self.final,
+        }
+
+    async def search(self, run: Run) -> Result:
+        run.diagnostics.setdefault("resampled_steps", 0)
+        run.diagnostics.setdefault("degenerate_weights", 0)
+        if self.mode == "sound":
+            run.diagnostics.setdefault("log_evidence", 0.0)
+        return await super().search(run)
+
+    # ------------------------------------------------------------------ weigh
+
+    def weigh(self, run: Run) -> None:
+        """Sets every particle's log-weight from the rewards of the step just taken."""
+        for p in run.particles:
+            if self.mode == "paper":
+                p.log_weight = logit(p.score if p.score is not None else 0.5) / self.temperature
+            elif len(p.steps) == run.step and p.steps[-1].score is not None:
+                # Sound mode: the incremental weight r_t / r_{t-1} of the step just taken
+                # (every particle extended this round has exactly run.step steps; one that
+                # finished earlier has fewer and keeps its weight).
+                p.log_weight += self.incremental_log_weight(p)
+
+    def incremental_log_weight(self, p: Particle) -> float:
+        current = self._prefix_reward(p, len(p.steps))
+        previous = self._prefix_reward(p, len(p.steps) - 1)
+        return (_log(current) - _log(previous)) / self.temperature
+
+    def _prefix_reward(self, p: Particle, k: int) -> float:
+        """r_k: the aggregated reward of the first k steps (r_0 = 1)."""
+        if k == 0:
+            return 1.0
+        return aggregate([s.score for s in p.steps[:k] if s.score is not None], self.aggregation)
+
+    # ------------------------------------------------------------------ select
+
+    async def select(self, run: Run) -> None:
+        self.weigh(run)
+        weights, degenerate = normalise_log_weights([p.log_weight for p in run.particles])
+        if degenerate:
+            run.diagnostics["degenerate_weights"] += 1
+            run.diagnostics["degenerate_note"] = "all weights were -inf; resampled uniformly"
+        if not run.live():
+            return  # nothing left to extend: resampling now could only lose particles
+        ess = effective_sample_size(weights)
+        if self.mode == "sound" and ess >= self.ess_threshold * len(run.particles) and not degenerate:
+            return
+        self.resample(run, weights, ess)
+
+    def resample(self, run: Run, weights: np.ndarray, ess: float) -> None:
+        n = len(run.particles)
+        parents = resample(weights, n, run.rng, self.resampling)
+        if self.mode == "sound":
+            # The average unnormalised weight enters the evidence; children restart equal.
+            log_weights = [p.log_weight for p in run.particles]
+            run.diagnostics["log_evidence"] += _logmeanexp(log_weights)
+        run.select(parents, ess=ess)
+        if self.mode == "sound":
+            for p in run.particles:
+                p.log_weight = 0.0
+        run.diagnostics["resampled_steps"] += 1
+
+    # ------------------------------------------------------------------ choose
+
+    async def finalise(self, run: Run) -> None:
+        # Every step was scored and weighed in `select`; what is left is the evidence.
+        if self.mode == "sound":
+            run.diagnostics["log_evidence"] += _logmeanexp([p.log_weight for p in run.particles])
+
+    def choose(self, run: Run) -> Result:
+        weights, _ = normalise_log_weights([p.log_weight for p in run.particles])
+        if self.final == "vote":
+            chosen, answer, totals = vote(run, list(weights))
+            run.diagnostics["votes"] = totals
+        else:
+            best = max(range(len(run.particles)), key=lambda i: (weights[i], run.particles[i].score or 0.0))
+            chosen = run.particles[best]
+            answer = chosen.answer
+        return run.result(chosen, answer, list(weights))
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _logmeanexp(values: list[float]) -> float:
+    finite = [v for v in values if v > -math.inf]
+    if not finite:
+        return -math.inf
+    top = max(finite)
+    return top + math.log(sum(math.exp(v - top) for v in finite) / len(values))
