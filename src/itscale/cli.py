@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--json", action="store_true", help="print the whole result as JSON")
     add_backend_arguments(solve)
     add_settings_arguments(solve)
+    solve.set_defaults(handler=lambda args: asyncio.run(_solve(args)))
 
     demo = sub.add_parser("demo", help="particle filtering on a sample word problem with a known answer")
     demo.add_argument("--algorithm", default="particle-filter")
@@ -112,25 +113,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     add_backend_arguments(demo)
     add_settings_arguments(demo)
+    demo.set_defaults(handler=_demo)
 
-    sub.add_parser("models", help="list the named models and whether they are installed")
+    models = sub.add_parser("models", help="list the named models and whether they are installed")
+    models.set_defaults(handler=lambda args: _models())
+
+    for register in _command_modules():
+        register(sub)
     return parser
+
+
+def _command_modules() -> list[Callable[[Any], None]]:
+    """`add_commands(subparsers)` functions of modules that bring their own commands."""
+    import importlib
+
+    found = []
+    for module in ("itscale.eval.commands",):
+        try:
+            found.append(importlib.import_module(module).add_commands)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "models":
-            return _models()
-        if args.command == "demo":
-            args.problem, args.reference = SAMPLE_PROBLEM, SAMPLE_ANSWER
-        return asyncio.run(_solve(args))
+        return args.handler(args)
     except ItscaleError as error:
         print(f"itscale: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("itscale: interrupted", file=sys.stderr)
         return 130
+
+
+def _demo(args: argparse.Namespace) -> int:
+    args.problem, args.reference = SAMPLE_PROBLEM, SAMPLE_ANSWER
+    return asyncio.run(_solve(args))
 
 
 def _models() -> int:
@@ -152,7 +173,7 @@ async def _solve(args: argparse.Namespace) -> int:
         raise UsageError("the problem is empty: give the text of a problem to solve")
     # Everything a user can get wrong is checked before a model is loaded.
     options = parse_options(args.option)
-    algorithm = make_algorithm(args.algorithm, **options)
+    make_algorithm(args.algorithm, **options)
     settings = settings_from(args)
     lm = open_model(
         args.model,
@@ -179,7 +200,6 @@ async def _solve(args: argparse.Namespace) -> int:
         await lm.close()
         if judge is not None:
             await judge.close()
-    del algorithm
     matches = None
     if args.reference is not None:
         from itscale.answers import is_equivalent

@@ -426,6 +426,12 @@ class LlamaCppModel:
             if free:
                 self._free_slots.append(slot)
         self._pending_ops.clear()
+        if not self._slot_owner and len(self._free_slots) == self.n_seq_max:
+            # Nothing is cached: start from an empty cache. Where cells sit in the unified
+            # cache changes the rounding of attention, so a run that starts on an idle
+            # engine is reproducible only if every such run starts from the same layout.
+            self._ll.llama_memory_clear(self._memory, True)
+            self._free_slots.sort(reverse=True)
 
     def _materialise(self, active: list[_Work]) -> list[_Work]:
         """Gives every waiting work's branch a slot; returns new preparation work."""

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from itscale.errors import RewardError, UsageError
 from itscale.lm.base import Branch
-from itscale.types import Prompt
+from itscale.types import Prompt, Step
 
 RewardKind = Literal["process", "outcome"]
 Aggregation = Literal["last", "min", "prod", "mean", "model"]
@@ -29,14 +29,25 @@ AGGREGATIONS: tuple[str, ...] = ("last", "min", "prod", "mean", "model")
 
 @dataclass(frozen=True)
 class ScoreRequest:
+    """Score the last of `steps` given `prompt` and the steps before it. `records` are the
+    generator's `Step` records for those steps (token counts, log-probabilities), when the
+    caller has them: a self-certainty reward needs nothing else."""
+
     prompt: Prompt
     steps: tuple[str, ...]
     branch: Branch | None = field(default=None, compare=False, hash=False)
     prefix: bool = False  # score the steps together as one step
+    records: tuple[Step, ...] = field(default=(), compare=False, hash=False)
 
     @classmethod
-    def for_prefix(cls, prompt: Prompt, steps: Sequence[str], branch: Branch | None = None) -> ScoreRequest:
-        return cls(prompt, ("".join(steps),), branch, prefix=True)
+    def for_prefix(
+        cls, prompt: Prompt, steps: Sequence[str], branch: Branch | None = None, records: Sequence[Step] = ()
+    ) -> ScoreRequest:
+        return cls(prompt, ("".join(steps),), branch, prefix=True, records=tuple(records))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.steps)
 
     @property
     def key(self) -> tuple:

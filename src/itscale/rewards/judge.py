@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 from itscale.lm.llamacpp import LlamaBranch, LlamaCppModel
 from itscale.rewards.base import CachedReward, ScoreRequest, Scores
-from itscale.types import Prompt
 
 STEP_QUESTION = "Look at the last step of your answer above. Is that step correct and useful? Answer with Yes or No."
 PREFIX_QUESTION = "Check your answer above so far. Is all of the reasoning correct? Answer with Yes or No."
@@ -54,20 +53,24 @@ class LLMJudge(CachedReward):
         }
         self._yes = self._single_tokens(YES_SPELLINGS)
         self._no = self._single_tokens(NO_SPELLINGS)
-        self._roots: dict[Prompt, LlamaBranch] = {}
 
     def _single_tokens(self, spellings: Sequence[str]) -> list[int]:
         tokens = {t[0] for s in spellings if len(t := self.model.tokenize(s, special=False)) == 1}
         return sorted(tokens)
 
     async def _score(self, requests: list[ScoreRequest]) -> Scores:
-        branches, temporary = [], []
+        branches, temporary, roots = [], [], {}
         for r in requests:
             branch = r.branch
             if not (isinstance(branch, LlamaBranch) and branch.owner is self.model and not branch.released):
-                branch = self.model.branch_from_text(await self._root(r.prompt), "".join(r.steps))
+                # Generated elsewhere: evaluate the text on this engine, sharing the prompt.
+                if r.prompt not in roots:
+                    roots[r.prompt] = await self.model.start(r.prompt)
+                branch = self.model.branch_from_text(roots[r.prompt], r.text)
                 temporary.append(branch)
             branches.append(branch)
+        for root in roots.values():
+            self.model.release(root)  # its forks keep what they need
         try:
             results = await self.model.next_token_logprobs(
                 branches, [self._suffix[r.prefix] for r in requests], self._yes + self._no
@@ -79,11 +82,3 @@ class LLMJudge(CachedReward):
             [yes_probability(logprobs, len(self._yes)) for logprobs, _ in results],
             tokens=sum(n for _, n in results),
         )
-
-    async def _root(self, prompt: Prompt) -> LlamaBranch:
-        if prompt not in self._roots:
-            if len(self._roots) > 16:  # one root per recent prompt; drop the oldest
-                oldest = next(iter(self._roots))
-                self.model.release(self._roots.pop(oldest))
-            self._roots[prompt] = await self.model.start(prompt)
-        return self._roots[prompt]

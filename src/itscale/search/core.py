@@ -24,12 +24,12 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
-from itscale.answers import has_boxed_answer, majority
+from itscale.answers import has_boxed_answer, is_equivalent, majority
 from itscale.errors import UsageError
 from itscale.lm.base import DEFAULT_DELIMITER, LanguageModel, StepSettings
 from itscale.lm.chat import MATH_SYSTEM_PROMPT
@@ -201,9 +201,10 @@ class Run:
 
     def _request(self, p: Particle, k: int, branch: Any) -> ScoreRequest:
         texts = [s.text for s in p.steps[:k]]
+        records = tuple(p.steps[:k])
         if self.algorithm.aggregation == "model":
-            return ScoreRequest.for_prefix(self.prompt, texts, branch)
-        return ScoreRequest(self.prompt, tuple(texts), branch)
+            return ScoreRequest.for_prefix(self.prompt, texts, branch, records)
+        return ScoreRequest(self.prompt, tuple(texts), branch, records=records)
 
     async def score(self, particles: Sequence[Particle], all_steps: bool = False) -> None:
         """Scores the particles' unscored steps: the last one, or with `all_steps` every
@@ -261,9 +262,12 @@ class Run:
             if self.algorithm.score_each_step:
                 await self.score(live)
             await self.algorithm.select(self)
-            for p in self.particles:
-                if p.finished:
-                    self.release(p)
+            if self.algorithm.score_each_step:
+                # Finished particles are never extended again; an algorithm that scores at
+                # the end keeps their branches so the reward can reuse their KV cache.
+                for p in self.particles:
+                    if p.finished:
+                        self.release(p)
             if self.observer is not None:
                 self.observer(self)
 
@@ -296,13 +300,17 @@ class Search:
     """An algorithm: a policy over the population loop.
 
     Class attributes: `name` (as used by the CLI and the server); `uses_reward` (whether
-    a reward is required); `score_each_step` (score every new step, else only at the end).
+    a reward is required); `score_each_step` (score every new step, else only at the end);
+    `reuses_samples` (see below).
     Instance attribute `aggregation` turns step scores into one particle score.
     """
 
     name: ClassVar[str] = "search"
     uses_reward: ClassVar[bool] = True
     score_each_step: ClassVar[bool] = True
+    # N independent rollouts chosen by `pick`: an evaluation may run the largest budget
+    # once and pick from its first b particles for every smaller budget b.
+    reuses_samples: ClassVar[bool] = False
 
     def __init__(self, aggregation: str = "model"):
         if aggregation not in AGGREGATIONS:
@@ -360,24 +368,49 @@ class Search:
         await run.score(run.particles, all_steps=True)
 
     def choose(self, run: Run) -> Result:
-        """The answer: by default the particle with the highest score."""
-        scores = [p.score if p.score is not None else -math.inf for p in run.particles]
+        """The result of the run, from `pick` over its final particles."""
+        pick = self.pick(run.particles)
+        run.diagnostics.update(pick.notes)
+        chosen = run.particles[pick.index] if pick.index is not None else None
+        return run.result(chosen, pick.answer, pick.weights)
+
+    def pick(self, particles: Sequence[Particle]) -> Pick:
+        """The answer from final particles; by default the particle with the highest score.
+        Sampling algorithms (`reuses_samples`) are evaluated on subsets of one large run
+        through this method, so it must depend on nothing but the particles."""
+        scores = [p.score if p.score is not None else -math.inf for p in particles]
+        if not particles:
+            return Pick(None, None, [])
         best = int(np.argmax(scores))
         total = sum(s for s in scores if s > -math.inf) or 1.0
         weights = [max(s, 0.0) / total if s > -math.inf else 0.0 for s in scores]
-        chosen = run.particles[best]
-        return run.result(chosen, chosen.answer, weights)
+        return Pick(best, particles[best].answer, weights)
 
 
-def vote(run: Run, weights: Sequence[float] | None = None) -> tuple[Particle | None, str | None, dict[str, float]]:
+@dataclass
+class Pick:
+    """An algorithm's choice among final particles: the chosen index (None when there is
+    nothing to choose), its answer, a normalised weight per particle, notes for diagnostics."""
+
+    index: int | None
+    answer: str | None
+    weights: list[float]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def vote(particles: Sequence[Particle], weights: Sequence[float] | None = None) -> Pick:
     """Majority (or weighted) vote over the particles' answers; the chosen particle is the
     heaviest one with the winning answer. A particle without an answer is no vote."""
-    answers = [p.answer for p in run.particles]
+    answers = [p.answer for p in particles]
     winner, totals = majority(answers, list(weights) if weights is not None else None)
+    n = len(particles)
+    if weights is None:
+        normalised = [1.0 / n] * n if n else []
+    else:
+        total = sum(weights) or 1.0
+        normalised = [w / total for w in weights]
     if winner is None:
-        return (run.particles[0] if run.particles else None), None, totals
-    from itscale.answers import is_equivalent
-
+        return Pick(0 if particles else None, None, normalised, {"votes": totals})
     members = [i for i, a in enumerate(answers) if a is not None and (a == winner or is_equivalent(a, winner))]
     best = max(members, key=lambda i: weights[i] if weights is not None else 1.0)
-    return run.particles[best], winner, totals
+    return Pick(best, winner, normalised, {"votes": totals})

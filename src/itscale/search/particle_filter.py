@@ -24,13 +24,14 @@ answer with the largest total weight.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from itscale.errors import UsageError
 from itscale.rewards.base import aggregate
-from itscale.search.core import Run, Search, vote
+from itscale.search.core import Pick, Run, Search, vote
 from itscale.search.resampling import (
     SCHEMES,
     effective_sample_size,
@@ -148,16 +149,12 @@ class ParticleFilter(Search):
         if self.mode == "sound":
             run.diagnostics["log_evidence"] += _logmeanexp([p.log_weight for p in run.particles])
 
-    def choose(self, run: Run) -> Result:
-        weights, _ = normalise_log_weights([p.log_weight for p in run.particles])
+    def pick(self, particles: Sequence[Particle]) -> Pick:
+        weights, _ = normalise_log_weights([p.log_weight for p in particles])
         if self.final == "vote":
-            chosen, answer, totals = vote(run, list(weights))
-            run.diagnostics["votes"] = totals
-        else:
-            best = max(range(len(run.particles)), key=lambda i: (weights[i], run.particles[i].score or 0.0))
-            chosen = run.particles[best]
-            answer = chosen.answer
-        return run.result(chosen, answer, list(weights))
+            return vote(particles, list(weights))
+        best = max(range(len(particles)), key=lambda i: (weights[i], particles[i].score or 0.0))
+        return Pick(best, particles[best].answer, list(weights))
 
 
 def _log(x: float) -> float:

@@ -4,13 +4,18 @@
 - self-consistency: majority vote over extracted answers (a missing answer is no vote);
 - best-of-N: the rollout with the highest (aggregated) reward;
 - weighted best-of-N: the answer with the largest summed reward over its rollouts.
+
+Their choice depends only on the final particles (`pick`), so an evaluation can generate
+the largest budget once and evaluate every smaller budget on a prefix of the rollouts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from itscale.lm.base import StepSettings
-from itscale.search.core import Run, Search, SearchSettings, vote
-from itscale.types import Result
+from itscale.search.core import Pick, Run, Search, SearchSettings, vote
+from itscale.types import Particle
 
 
 class Greedy(Search):
@@ -27,38 +32,33 @@ class Greedy(Search):
     async def finalise(self, run: Run) -> None:
         pass
 
-    def choose(self, run: Run) -> Result:
-        chosen = run.particles[0]
-        return run.result(chosen, chosen.answer, [1.0])
+    def pick(self, particles: Sequence[Particle]) -> Pick:
+        return Pick(0, particles[0].answer, [1.0])
 
 
 class SelfConsistency(Search):
     name = "self-consistency"
     uses_reward = False
     score_each_step = False
+    reuses_samples = True
 
     async def finalise(self, run: Run) -> None:
         pass
 
-    def choose(self, run: Run) -> Result:
-        chosen, answer, totals = vote(run)
-        run.diagnostics["votes"] = totals
-        n = len(run.particles)
-        return run.result(chosen, answer, [1.0 / n] * n)
+    def pick(self, particles: Sequence[Particle]) -> Pick:
+        return vote(particles)
 
 
 class BestOfN(Search):
     name = "best-of-n"
     score_each_step = False
+    reuses_samples = True
 
 
 class WeightedBestOfN(Search):
     name = "weighted-best-of-n"
     score_each_step = False
+    reuses_samples = True
 
-    def choose(self, run: Run) -> Result:
-        scores = [p.score if p.score is not None else 0.0 for p in run.particles]
-        chosen, answer, totals = vote(run, scores)
-        run.diagnostics["votes"] = totals
-        total = sum(scores) or 1.0
-        return run.result(chosen, answer, [s / total for s in scores])
+    def pick(self, particles: Sequence[Particle]) -> Pick:
+        return vote(particles, [p.score if p.score is not None else 0.0 for p in particles])
