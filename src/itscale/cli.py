@@ -128,7 +128,7 @@ def _command_modules() -> list[Callable[[Any], None]]:
     import importlib
 
     found = []
-    for module in ("itscale.eval.commands",):
+    for module in ("itscale.rewards.commands", "itscale.eval.commands"):
         try:
             found.append(importlib.import_module(module).add_commands)
         except ModuleNotFoundError as error:

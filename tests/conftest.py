@@ -1,0 +1,100 @@
+"""Shared fixtures: real models, a real llama.cpp HTTP server, the benchmark data.
+
+Models are loaded once per session. SmolLM2-135M is the plumbing model (fast); tests that
+need the Qwen model are few and marked `slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from itscale.lm.models import model_path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (SHARED_DATA / "gsm8k_test.jsonl").exists():
+        pytest.fail(f"benchmark data not found at {SHARED_DATA}: tests expect ../shared/data beside the repository")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """SmolLM2-135M in the embedded engine, shared by the session."""
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    model = LlamaCppModel("smollm2-135m", n_ctx=8192, n_seq_max=64, n_threads=2)
+    yield model
+    model.shutdown()
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    model = LlamaCppModel("qwen2.5-coder-0.5b", n_ctx=8192, n_seq_max=64, n_threads=2)
+    yield model
+    model.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """`python -m llama_cpp.server` with SmolLM2-135M on 127.0.0.1; yields its base URL."""
+    port = free_port()
+    log = open(os.devnull, "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model_path("smollm2-135m")),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "4096",
+            "--n_threads",
+            "2",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail("llama_cpp.server exited during start-up")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail("llama_cpp.server did not start within 120 s")
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
