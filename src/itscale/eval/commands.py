@@ -1,0 +1,157 @@
+"""`itscale eval` and `itscale report`, registered by cli.py through `add_commands`.
+
+Everything a user can get wrong (the dataset, a JSONL line, algorithm names and options,
+budgets, seeds, the reward, the settings, an output directory of another configuration) is
+checked before a model is opened; each is a one-line error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from itscale.errors import UsageError
+from itscale.eval.datasets import load_dataset
+from itscale.eval.plan import Backend, Plan, parse_algorithms, parse_budgets, parse_seeds, split_options
+
+EPILOG = """\
+examples:
+  itscale eval --dataset gsm8k --limit 100 --algorithms greedy,best-of-n,particle-filter \\
+      --budgets 1,2,4,8,16 --out runs/gsm8k
+  itscale eval --dataset problems.jsonl --algorithms particle-filter,particle-filter-sound \\
+      --option particle-filter-sound:resampling=stratified --backend-url http://127.0.0.1:8000 \\
+      --judge-model qwen2.5-coder-0.5b --workers 8 --out runs/mine
+  itscale report runs/gsm8k
+
+--option NAME=VALUE applies to every algorithm; --option ALGORITHM:NAME=VALUE to one.
+Run the same command again to resume: only missing records are computed.
+"""
+
+
+def add_commands(subparsers: Any) -> None:
+    from itscale.cli import add_backend_arguments, add_settings_arguments
+    from itscale.search import algorithm_names
+
+    run = subparsers.add_parser(
+        "eval",
+        help="evaluate algorithms over budgets on a benchmark (resumable)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "--dataset",
+        required=True,
+        help="a JSONL path, gsm8k/math500/aime24/amc23, or owner/name[:config][@split] on the Hugging Face hub",
+    )
+    run.add_argument(
+        "--data-dir", help="where the named datasets live (default: $ITSCALE_DATA_DIR, else ../shared/data)"
+    )
+    run.add_argument("--algorithms", required=True, help="comma-separated: " + ", ".join(algorithm_names()))
+    run.add_argument("--budgets", default="1,2,4,8,16", help="comma-separated positive integers (default 1,2,4,8,16)")
+    run.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    run.add_argument("--limit", type=int, help="only the first N problems")
+    run.add_argument("--out", required=True, help="output directory (created; an existing one is resumed)")
+    run.add_argument("--option", action="append", default=[], metavar="[ALGORITHM:]NAME=VALUE")
+    run.add_argument("--executor", choices=["local", "ray"], default="local")
+    run.add_argument("--workers", type=int, default=1, help="problems run at once (per Ray worker with --executor ray)")
+    run.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    run.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray worker (default 1)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_backend_arguments(run)
+    add_settings_arguments(run)
+    run.set_defaults(handler=_eval, parser=run)
+
+    report = subparsers.add_parser("report", help="accuracy table and scaling plots of an eval directory")
+    report.add_argument("directory", help="the --out directory of `itscale eval`")
+    report.set_defaults(handler=_report)
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    """The plan the arguments describe; raises UsageError for anything wrong in them."""
+    from itscale.cli import parse_options, settings_from
+    from itscale.rewards.registry import DEFAULT_REWARD, reward_names
+
+    if args.budget is not None or args.seed is not None:
+        raise UsageError("itscale eval takes --budgets and --seeds (lists), not --budget or --seed")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a positive integer, got {args.limit}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.ray_cpus <= 0:
+        raise UsageError(f"--ray-cpus must be positive, got {args.ray_cpus}")
+    algorithms = parse_algorithms(args.algorithms)
+    budgets = parse_budgets(args.budgets)
+    seeds = parse_seeds(args.seeds)
+    options = split_options(args.option, algorithms, parse_options)
+    reward = args.reward or DEFAULT_REWARD
+    if reward not in reward_names():
+        raise UsageError(f"unknown reward {reward!r}: use one of {', '.join(reward_names())}")
+    settings = settings_from(args)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    backend = Backend(
+        model=args.model,
+        backend_url=args.backend_url,
+        backend_model=args.backend_model,
+        backend_mode=args.backend_mode,
+        chat_template=args.chat_template,
+        judge_model=args.judge_model,
+        n_ctx=args.n_ctx,
+        n_threads=args.n_threads,
+    )
+    return Plan(dataset, algorithms, budgets, seeds, settings, reward, backend, options, args.limit)
+
+
+def command_line(args: argparse.Namespace) -> list[str]:
+    """The command as typed, up to defaults: every argument that differs from its default."""
+    words = ["itscale", "eval"]
+    for action in args.parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest == "help" or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:
+            words.append(flag)
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                words += [flag, str(item)]
+    return words
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from itscale.eval.evaluate import evaluate
+
+    plan = plan_from(args)
+    try:
+        summary = evaluate(
+            plan,
+            args.out,
+            executor=args.executor,
+            workers=args.workers,
+            progress=not args.no_progress,
+            command=command_line(args),
+            ray_address=args.ray_address,
+            ray_cpus=args.ray_cpus,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"itscale: stopped; finished records are saved in {args.out}: run the same command to resume",
+            file=sys.stderr,
+        )
+        raise
+    torn = "; dropped a torn last line left by a killed run" if summary.dropped_torn_line else ""
+    print(
+        f"{summary.written} new records ({summary.already_done} from earlier runs) in "
+        f"{summary.out}/results.jsonl{torn}; `itscale report {summary.out}` makes the table and plots"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from itscale.eval.report import print_table, write_report
+
+    rows, paths = write_report(args.directory)
+    print_table(rows)
+    for path in paths.values():
+        print(path)
+    return 0

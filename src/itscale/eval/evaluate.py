@@ -1,0 +1,106 @@
+"""`evaluate`: run a plan into an output directory, resuming whatever is already there.
+
+    check the directory's configuration  ─► load its records (drop a torn last line)
+    ─► the units still missing  ─► run them (here, K at once, or on Ray)
+    ─► append each unit's records as it finishes, advance the progress bars
+
+Nothing is computed before the configuration check passes. Stopping at any point (Ctrl-C, a
+kill, an error) leaves only complete records; running the same command again computes the
+rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from itscale.eval.plan import Plan, Unit
+from itscale.eval.progress import EvalProgress
+from itscale.eval.runner import Job, stream
+from itscale.eval.store import OutputDir
+from itscale.rewards.registry import make_reward
+
+Sink = Callable[[list[dict[str, Any]]], None]
+
+
+@dataclass
+class Summary:
+    out: Path
+    already_done: int  # records found from earlier runs
+    written: int  # records this run added
+    dropped_torn_line: bool
+
+
+def evaluate(
+    plan: Plan,
+    out: str | Path,
+    *,
+    executor: Literal["local", "ray"] = "local",
+    workers: int = 1,
+    lm: Any = None,
+    judge: Any = None,
+    progress: bool = True,
+    command: list[str] | None = None,
+    on_records: Sink | None = None,
+    ray_address: str | None = None,
+    ray_cpus: float = 1,
+) -> Summary:
+    """Runs what `plan` still lacks in `out`. `lm`/`judge`: an open backend to use here
+    (else the plan's backend is opened, and closed at the end); `on_records` is called after
+    each batch is safely written."""
+    directory = OutputDir(out)
+    with directory.lock():
+        directory.prepare(
+            plan.identity(),
+            {
+                "command": command,
+                "grid": plan.grid(),
+                "executor": executor,
+                "workers": workers,
+                "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            },
+        )
+        done = directory.results.load()
+        summary = Summary(directory.path, len(done), 0, directory.results.dropped_torn_line)
+        units = plan.units(done)
+        job = Job(plan.settings, plan.reward, plan.options)
+        with EvalProgress(plan, done, enabled=progress) as bars:
+
+            def sink(records: list[dict[str, Any]]) -> None:
+                directory.results.append(records)
+                summary.written += len(records)
+                bars.advance(records)
+                if on_records is not None:
+                    on_records(records)
+
+            if not units:
+                pass
+            elif executor == "ray":
+                from itscale.eval.distributed import run_on_ray
+
+                run_on_ray(job, plan.backend, units, sink, workers=workers, address=ray_address, cpus=ray_cpus)
+            else:
+                asyncio.run(_run_here(plan, job, units, sink, workers, lm, judge))
+    return summary
+
+
+async def _run_here(plan: Plan, job: Job, units: list[Unit], sink: Sink, workers: int, lm: Any, judge: Any) -> None:
+    opened = lm is None
+    if opened:
+        lm, judge = plan.backend.open(), plan.backend.open_judge()
+    try:
+        if any(plan.search(a).uses_reward for a in {u.algorithm for u in units}):
+            make_reward(job.reward, lm, judge)  # a reward that cannot work here fails before any run
+        async with contextlib.aclosing(stream(units, job, lm, judge, workers)) as batches:
+            async for records in batches:
+                sink(records)
+    finally:
+        if opened:
+            for model in (lm, judge):
+                if model is not None:
+                    await model.close()

@@ -1,0 +1,207 @@
+"""What an evaluation runs: the grid (algorithms × budgets × seeds × problems) and the units
+of work it splits into, plus the backend every worker opens for itself.
+
+A *unit* is one search run that yields one or more records. Algorithms that pick from
+independent rollouts (`Search.reuses_samples`: self-consistency, best-of-N, ...) get one unit
+per (problem, seed) run at the largest budget still missing; every smaller missing budget b
+is then evaluated with `pick(particles[:b])`. Other algorithms get one unit per budget.
+
+The *identity* of a plan is what a record's meaning depends on (dataset, model, reward,
+search settings, algorithm options); an output directory refuses a plan with another
+identity. The grid is not part of it: budgets, seeds, algorithms and --limit may grow
+between runs over the same directory, and only the missing records are computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from itscale.errors import UsageError
+from itscale.eval.datasets import Dataset, Problem
+from itscale.eval.store import Key
+from itscale.search import algorithm_names, make_algorithm
+from itscale.search.core import SearchSettings
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to open the generator (and a judge): picklable, so each Ray worker opens its own."""
+
+    model: str
+    backend_url: str | None = None
+    backend_model: str | None = None
+    backend_mode: str = "completions"
+    chat_template: str | None = None
+    judge_model: str | None = None
+    n_ctx: int = 16384
+    n_threads: int | None = None
+
+    def open(self):
+        from itscale.api import open_model
+
+        engine = {} if self.backend_url else {"n_ctx": self.n_ctx, "n_threads": self.n_threads}
+        return open_model(
+            self.model,
+            backend_url=self.backend_url,
+            backend_model=self.backend_model,
+            backend_mode=self.backend_mode,
+            chat_template=self.chat_template,
+            **engine,
+        )
+
+    def open_judge(self):
+        from itscale.api import open_model
+
+        return open_model(self.judge_model, n_threads=self.n_threads) if self.judge_model else None
+
+    def identity(self) -> dict[str, Any]:
+        if self.backend_url:
+            where = {"backend_url": self.backend_url, "backend_model": self.backend_model, "mode": self.backend_mode}
+        else:
+            where = {"model": self.model}
+        return {**where, "chat_template": self.chat_template, "judge_model": self.judge_model}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One search run: `algorithm` on `problem` with `seed` at `run_budget` particles, giving
+    records for `budgets` (just run_budget, or with sample reuse every missing budget)."""
+
+    problem: Problem
+    algorithm: str
+    seed: int
+    run_budget: int
+    budgets: tuple[int, ...]
+    reuse: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    dataset: Dataset
+    algorithms: tuple[str, ...]
+    budgets: tuple[int, ...]
+    seeds: tuple[int, ...]
+    settings: SearchSettings
+    reward: str
+    backend: Backend
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    limit: int | None = None
+
+    @property
+    def problems(self) -> list[Problem]:
+        return self.dataset.head(self.limit)
+
+    def search(self, algorithm: str):
+        return make_algorithm(algorithm, **self.options.get(algorithm, {}))
+
+    def identity(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self.settings)
+        del settings["budget"], settings["seed"]  # per record: the grid
+        return {
+            "dataset": {"source": self.dataset.source, "fingerprint": self.dataset.fingerprint},
+            "model": self.backend.identity(),
+            "reward": self.reward,
+            "settings": settings,
+            "options": {a: self.options.get(a, {}) for a in self.algorithms},
+        }
+
+    def grid(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset.name,
+            "algorithms": list(self.algorithms),
+            "budgets": list(self.budgets),
+            "seeds": list(self.seeds),
+            "limit": self.limit,
+            "problems": len(self.problems),
+        }
+
+    def keys(self) -> list[Key]:
+        return [
+            (p.id, a, b, s) for a in self.algorithms for b in self.budgets for s in self.seeds for p in self.problems
+        ]
+
+    def units(self, done: set[Key] | dict[Key, Any]) -> list[Unit]:
+        """The runs still needed, cheapest budgets first (a stopped study has its low-budget
+        picture complete); within a budget, algorithm by algorithm."""
+        units = []
+        for order, algorithm in enumerate(self.algorithms):
+            reuse = self.search(algorithm).reuses_samples
+            for seed in self.seeds:
+                for index, problem in enumerate(self.problems):
+                    missing = tuple(b for b in self.budgets if (problem.id, algorithm, b, seed) not in done)
+                    if not missing:
+                        continue
+                    if reuse:
+                        units.append(
+                            (
+                                (seed, max(missing), order, index),
+                                Unit(problem, algorithm, seed, max(missing), missing, True),
+                            )
+                        )
+                    else:
+                        units += [
+                            ((seed, b, order, index), Unit(problem, algorithm, seed, b, (b,), False)) for b in missing
+                        ]
+        return [u for _, u in sorted(units, key=lambda pair: pair[0])]
+
+
+# ------------------------------------------------------------------ parsing the command line
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    return _integers(text, "--budgets", minimum=1, what="positive integers")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    return _integers(text, "--seeds", minimum=0, what="non-negative integers")
+
+
+def _integers(text: str, flag: str, minimum: int, what: str) -> tuple[int, ...]:
+    values = []
+    for part in text.split(","):
+        item = part.strip()
+        try:
+            value = int(item)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise UsageError(f"{flag} takes {what} separated by commas, got {item!r} in {text!r}")
+        values.append(value)
+    return tuple(sorted(set(values)))
+
+
+def parse_algorithms(text: str) -> tuple[str, ...]:
+    """Names from `itscale.search.algorithm_names()`, checked before anything runs."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UsageError(f"--algorithms needs at least one of {', '.join(algorithm_names())}")
+    known = algorithm_names()
+    for name in names:
+        if name not in known:
+            raise UsageError(f"unknown algorithm {name!r} in --algorithms: use {', '.join(known)}")
+    return names
+
+
+def split_options(pairs: list[str], algorithms: tuple[str, ...], parse) -> dict[str, dict[str, Any]]:
+    """`--option NAME=VALUE` applies to every algorithm; `--option ALGORITHM:NAME=VALUE` to one.
+    Each algorithm is built with its options here, so a bad option fails before any run."""
+    shared, specific = [], {a: [] for a in algorithms}
+    for pair in pairs:
+        name = pair.partition("=")[0]
+        target, colon, option = name.partition(":")
+        if not colon:
+            shared.append(pair)
+        elif target not in specific:
+            raise UsageError(f"--option {pair!r} names algorithm {target!r}, which is not in --algorithms")
+        else:
+            specific[target].append(option + pair[len(name) :])
+    options = {a: {**parse(shared), **parse(specific[a])} for a in algorithms}
+    for algorithm in algorithms:
+        try:
+            make_algorithm(algorithm, **options[algorithm])
+        except UsageError as error:
+            hint = "; give it to one algorithm with --option ALGORITHM:NAME=VALUE" if shared else ""
+            raise UsageError(f"{error}{hint}") from None
+    return options

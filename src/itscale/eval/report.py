@@ -1,0 +1,192 @@
+"""`itscale report DIR`: the accuracy table (Markdown and JSON) and the scaling plots.
+
+One row per (algorithm, budget): accuracy over problems (a problem's score is its mean over
+seeds) with a 95% percentile-bootstrap interval (problems resampled, 10,000 times, fixed
+seed, so the report is reproducible), mean tokens and wall time per run, and where the row's
+answers came from: its own runs, or subsets of a shared larger run (sample reuse).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itscale.errors import UsageError
+from itscale.eval.store import RESULTS, OutputDir, write_json_atomic, write_text_atomic
+
+BOOTSTRAP_SAMPLES = 10_000
+TOKEN_NOTE = (
+    "Tokens are everything the run cost: prompt tokens the backend evaluated, generated tokens, and reward "
+    "tokens (tokens the judge evaluated). For sample-reuse rows the count is what a run at that budget would "
+    "have cost: the exact generated tokens of the first b rollouts, the prompt tokens the backend reported for "
+    "them plus the shared prompt once, and the run's reward tokens in proportion to the steps scored for them; "
+    "their wall time is the shared run's in proportion to those tokens (an estimate, marked *)."
+)
+
+
+@dataclass
+class Row:
+    algorithm: str
+    budget: int
+    problems: int
+    runs: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    mean_tokens: float
+    mean_completion_tokens: float
+    mean_reward_tokens: float
+    mean_seconds: float
+    seconds_estimated: bool
+    sampled_from: list[int]  # sizes of the shared runs this row was picked from; [] for its own runs
+
+
+def bootstrap_interval(scores: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of `scores`."""
+    if len(scores) < 2:
+        value = float(scores.mean()) if len(scores) else float("nan")
+        return value, value
+    rng = np.random.default_rng(seed)
+    means = scores[rng.integers(0, len(scores), size=(samples, len(scores)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]:
+    """Rows in the configuration's algorithm order, budgets ascending."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        cells[(r["algorithm"], int(r["budget"]))].append(r)
+    order = {a: i for i, a in enumerate(algorithms)}
+    rows = []
+    for (algorithm, budget), group in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 1e9), kv[0])):
+        per_problem: dict[str, list[float]] = defaultdict(list)
+        for r in group:
+            per_problem[r["problem"]].append(float(bool(r["correct"])))
+        scores = np.array([np.mean(v) for v in per_problem.values()])
+        low, high = bootstrap_interval(scores)
+        usage = [r["usage"] for r in group]
+        rows.append(
+            Row(
+                algorithm=algorithm,
+                budget=budget,
+                problems=len(per_problem),
+                runs=len(group),
+                accuracy=float(scores.mean()),
+                ci_low=low,
+                ci_high=high,
+                mean_tokens=float(np.mean([u["total_tokens"] for u in usage])),
+                mean_completion_tokens=float(np.mean([u["completion_tokens"] for u in usage])),
+                mean_reward_tokens=float(np.mean([u["reward_tokens"] for u in usage])),
+                mean_seconds=float(np.mean([u["seconds"] for u in usage])),
+                seconds_estimated=any(r.get("seconds_estimated") for r in group),
+                sampled_from=sorted({int(r["sampled_from"]) for r in group if r.get("sampled_from")}),
+            )
+        )
+    return rows
+
+
+def load(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    out = OutputDir(directory)
+    config = out.read_config()
+    if config is None or not out.results.path.exists():
+        raise UsageError(f"{out.path} has no evaluation results ({RESULTS}): run `itscale eval --out {out.path}` first")
+    records = list(out.results.load().values())
+    if not records:
+        raise UsageError(f"{out.results.path} is empty: the evaluation has not finished a run yet")
+    return config, records
+
+
+def algorithm_order(config: dict[str, Any]) -> list[str]:
+    names: dict[str, None] = {}
+    for run in config.get("runs", []):
+        names.update(dict.fromkeys(run.get("grid", {}).get("algorithms", [])))
+    return list(names)
+
+
+def write_report(directory: str | Path) -> tuple[list[Row], dict[str, Path]]:
+    """Writes report.md, report.json and the plots into `directory`; returns the rows and
+    the files' paths."""
+    path = Path(directory)
+    config, records = load(path)
+    rows = summarise(records, algorithm_order(config))
+    paths = {"markdown": path / "report.md", "json": path / "report.json"}
+    write_json_atomic(paths["json"], {"config": config, "rows": [asdict(r) for r in rows], "notes": [TOKEN_NOTE]})
+    write_text_atomic(paths["markdown"], markdown(config, rows))
+    from itscale.eval.plots import plot_scaling
+
+    paths.update(plot_scaling(rows, path, title=_title(config)))
+    return rows, paths
+
+
+def _title(config: dict[str, Any]) -> str:
+    identity = config.get("identity", {})
+    model = identity.get("model", {})
+    name = model.get("model") or model.get("backend_model") or model.get("backend_url") or "?"
+    dataset = (config.get("runs") or [{}])[-1].get("grid", {}).get("dataset", "?")
+    return f"{dataset} · {name} · reward {identity.get('reward')}"
+
+
+def markdown(config: dict[str, Any], rows: list[Row]) -> str:
+    identity = config.get("identity", {})
+    settings = identity.get("settings", {})
+    dataset = identity.get("dataset", {})
+    lines = [
+        f"# Evaluation: {_title(config)}",
+        "",
+        f"Dataset: `{dataset.get('source')}` (fingerprint {dataset.get('fingerprint')}).",
+        "Settings: " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) + ".",
+    ]
+    options = {a: o for a, o in identity.get("options", {}).items() if o}
+    if options:
+        lines.append("Algorithm options: " + "; ".join(f"{a}: {o}" for a, o in options.items()) + ".")
+    lines += ["", "Commands:", ""]
+    lines += [f"    {' '.join(run['command'])}" for run in config.get("runs", []) if run.get("command")]
+    lines += [
+        "",
+        "| algorithm | budget | accuracy | 95% CI | problems | mean tokens | mean generated | mean reward tokens "
+        "| mean seconds | samples |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        samples = f"reused from run of {', '.join(map(str, r.sampled_from))}" if r.sampled_from else "own run"
+        seconds = f"{r.mean_seconds:.1f}{'*' if r.seconds_estimated else ''}"
+        lines.append(
+            f"| {r.algorithm} | {r.budget} | {r.accuracy:.1%} | {r.ci_low:.1%} – {r.ci_high:.1%} | {r.problems} "
+            f"| {r.mean_tokens:,.0f} | {r.mean_completion_tokens:,.0f} | {r.mean_reward_tokens:,.0f} "
+            f"| {seconds} | {samples} |"
+        )
+    reused = sorted({r.algorithm for r in rows if r.sampled_from})
+    lines += ["", "Accuracy is over problems; the interval is a 95% bootstrap over problems."]
+    if reused:
+        lines.append(
+            f"Sample reuse: {', '.join(reused)} ran once per problem at the largest budget and each smaller "
+            "budget b is that algorithm's choice among the first b rollouts (`samples` column)."
+        )
+    if len({r.problems for r in rows}) > 1:
+        lines.append("Rows cover different numbers of problems (an unfinished run): compare them with care.")
+    lines += ["", TOKEN_NOTE, ""]
+    return "\n".join(lines)
+
+
+def print_table(rows: list[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("algorithm", "budget", "accuracy", "95% CI", "problems", "mean tokens", "mean s", "samples")
+    for r in rows:
+        table.add_row(
+            r.algorithm,
+            str(r.budget),
+            f"{r.accuracy:.1%}",
+            f"{r.ci_low:.1%} – {r.ci_high:.1%}",
+            str(r.problems),
+            f"{r.mean_tokens:,.0f}",
+            f"{r.mean_seconds:.1f}{'*' if r.seconds_estimated else ''}",
+            f"reused ({', '.join(map(str, r.sampled_from))})" if r.sampled_from else "own",
+        )
+    Console().print(table)

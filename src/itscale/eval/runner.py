@@ -1,0 +1,140 @@
+"""Running units: one search per unit, graded by the answers module, turned into records;
+`stream` runs K units at once on one backend and yields each unit's records when done.
+
+Each run gets a fresh reward: rewards cache scores by content, so one shared across runs
+would make a run's reward tokens depend on what ran before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from itscale.answers import is_equivalent
+from itscale.errors import ItscaleError
+from itscale.eval.plan import Unit
+from itscale.eval.reuse import MeteredModel, subset_usage
+from itscale.lm.base import LanguageModel
+from itscale.rewards.registry import make_reward
+from itscale.search import make_algorithm
+from itscale.search.core import SearchSettings
+from itscale.types import Particle, Result, Usage
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs besides its units and its backend (picklable, for Ray)."""
+
+    settings: SearchSettings
+    reward: str
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+async def run_unit(unit: Unit, job: Job, lm: LanguageModel, judge: Any = None) -> list[dict[str, Any]]:
+    """Runs the unit's search and returns its records (one per budget it covers)."""
+    search = make_algorithm(unit.algorithm, **job.options.get(unit.algorithm, {}))
+    reward = make_reward(job.reward, lm, judge) if search.uses_reward else None
+    settings = job.settings.replace(budget=unit.run_budget, seed=unit.seed)
+    if not unit.reuse:
+        result = await search.run(lm, unit.problem.problem, settings, reward=reward)
+        return [_record(unit, unit.run_budget, result, result.particles, result.answer, result.text, result.usage)]
+    metered = MeteredModel(lm)
+    result = await search.run(metered, unit.problem.problem, settings, reward=reward)
+    shared, own = metered.prompt_split(len(result.particles), result.usage.prompt_tokens)
+    records = []
+    for b in unit.budgets:
+        subset = result.particles[:b]
+        pick = search.pick(subset)
+        text = subset[pick.index].text if pick.index is not None else ""
+        usage, estimated = subset_usage(result, b, shared, own)
+        record = _record(unit, b, result, subset, pick.answer, text, usage, pick.weights, pick.notes)
+        record["sampled_from"], record["seconds_estimated"] = len(result.particles), estimated
+        records.append(record)
+    return records
+
+
+def _record(
+    unit: Unit,
+    budget: int,
+    result: Result,
+    particles: Sequence[Particle],
+    answer: str | None,
+    text: str,
+    usage: Usage,
+    weights: Sequence[float] | None = None,
+    notes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "problem": unit.problem.id,
+        "algorithm": unit.algorithm,
+        "budget": budget,
+        "seed": unit.seed,
+        "reference": unit.problem.answer,
+        "answer": answer,
+        "correct": is_equivalent(answer, unit.problem.answer),
+        "text": text,
+        "particles": [
+            {"answer": p.answer, "score": p.score, "tokens": p.tokens, "steps": len(p.steps), "end": p.end}
+            for p in particles
+        ],
+        "weights": list(result.weights if weights is None else weights),
+        "usage": usage.to_dict(),
+        "sampled_from": None,
+        "seconds_estimated": False,
+        "budget_limited": result.budget_limited,
+        "diagnostics": result.diagnostics if notes is None else {**result.diagnostics, **notes},
+    }
+
+
+_DONE = object()
+
+
+def _located(error: Exception, unit: Unit | None) -> Exception:
+    """The error, its message prefixed with the run it stopped (for a user's error, whose
+    message is all the CLI prints)."""
+    if unit is None or not isinstance(error, ItscaleError):
+        return error
+    try:
+        located = type(error)(f"{unit.algorithm} at budget {unit.run_budget} on problem {unit.problem.id}: {error}")
+    except TypeError:
+        return error
+    located.__cause__ = error
+    return located
+
+
+async def stream(
+    units: Sequence[Unit], job: Job, lm: LanguageModel, judge: Any = None, workers: int = 1
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Yields each unit's records as it finishes, running up to `workers` units at once (a
+    server backend serves them concurrently; the embedded engine batches them together).
+    The first error stops every worker and is raised here."""
+    todo = iter(units)
+    finished: asyncio.Queue = asyncio.Queue()
+
+    async def worker() -> None:
+        unit = None
+        try:
+            for unit in todo:  # one shared iterator: each unit is taken once
+                await finished.put(await run_unit(unit, job, lm, judge))
+        except Exception as error:
+            await finished.put(_located(error, unit))
+        finally:
+            await finished.put(_DONE)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, len(units))))]
+    running = len(tasks)
+    try:
+        while running:
+            item = await finished.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
