@@ -90,6 +90,8 @@ class CachedReward:
         result = Scores([])
         if missing:
             fresh = await self._score(list(missing.values()))
+            if len(fresh.values) != len(missing):
+                raise ValueError(f"{self.name} returned {len(fresh.values)} scores for {len(missing)} requests")
             result.tokens, result.notes = fresh.tokens, fresh.notes
             for key, value in zip(missing, fresh.values, strict=True):
                 self._cache[key] = value

@@ -1,0 +1,386 @@
+"""How well does each reward predict correctness? AUROC, best-of-8 accuracy and cost.
+
+    .venv/bin/python benchmarks/rewards.py [--problems 50] [--samples 8]
+
+1. Samples `--samples` solutions per problem for the first `--problems` GSM8K test problems
+   with the embedded Qwen2.5-Coder-0.5B at temperature 0.8, through itscale's own
+   self-consistency run (every particle keeps its steps, with the generator's
+   log-probabilities), and labels each by the reference answer.
+2. Scores every particle with every reward: each step given the steps before it (for the
+   aggregations last/min/prod/mean) and the whole answer as one step (aggregation `model`).
+3. Prints, per reward and aggregation: AUROC of the particle score against correctness,
+   the accuracy of choosing the highest-scoring of the 8 samples, and the cost per scored
+   step (seconds, reward tokens).
+
+Samples and scores are cached under `.cache/benchmarks/rewards/` (gitignored), written
+atomically after every problem, so a killed run resumes where it stopped. The data is read
+from ../shared/data (never copied into the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
+CACHE = REPO / ".cache" / "benchmarks" / "rewards"
+GENERATOR = "qwen2.5-coder-0.5b"
+TEMPERATURE = 0.8
+MAX_TOKENS = 512
+
+
+def write_json_atomically(path: Path, data: object) -> None:
+    """Writes to a temporary file beside `path`, then renames: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: object) -> object:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def load_problems(n: int) -> list[dict]:
+    if not DATA.exists():
+        sys.exit(f"GSM8K data not found at {DATA}: the benchmark reads ../shared/data beside the repository")
+    with DATA.open() as f:
+        return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def load_samples(n_samples: int) -> dict:
+    """Every cached sample: the main file and the files of reversed-order helpers."""
+    samples: dict = {}
+    for path in sorted(CACHE.glob(f"samples-{n_samples}*.json")):
+        samples.update(read_json(path, {}))
+    return samples
+
+
+async def sample(lm, problems: list[dict], n_samples: int, concurrency: int, reverse: bool = False) -> dict:
+    """Samples per problem id: {"particles": [{"steps": [...], "answer", "correct"}], ...}.
+    `concurrency` problems run at once on the one engine, which decodes all their
+    particles in the same batches (far more tokens per second than one problem at a time)."""
+    path = CACHE / f"samples-{n_samples}{'-reversed' if reverse else ''}.json"
+    samples = read_json(path, {})
+    done = load_samples(n_samples)
+    todo = [(i, p) for i, p in enumerate(problems) if p["id"] not in done]
+    if reverse:  # a second process working from the other end (one engine thread each)
+        todo.reverse()
+    queue = asyncio.Queue()
+    for item in todo:
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i, problem = queue.get_nowait()
+            if problem["id"] in load_samples(n_samples):
+                continue  # the process working from the other end got here first
+            samples[problem["id"]] = await _sample_one(lm, problem, i, n_samples)
+            write_json_atomically(path, samples)
+            record = samples[problem["id"]]
+            right = sum(p["correct"] for p in record["particles"])
+            print(
+                f"sampled {len(load_samples(n_samples))}/{len(problems)} {problem['id']}: {right}/{n_samples} correct, "
+                f"{record['completion_tokens']} tokens, {record['seconds']:.0f} s",
+                flush=True,
+            )
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return load_samples(n_samples)
+
+
+async def _sample_one(lm, problem: dict, seed: int, n_samples: int) -> dict:
+    from itscale.answers import is_equivalent
+    from itscale.search import make_algorithm
+
+    started = time.perf_counter()
+    result = await make_algorithm("self-consistency").run(
+        lm, problem["problem"], budget=n_samples, seed=seed, temperature=TEMPERATURE, max_tokens=MAX_TOKENS
+    )
+    particles = [
+        {
+            "steps": [
+                {
+                    "text": s.text,
+                    "tokens": s.tokens,
+                    "end": s.end,
+                    "logprob": s.logprob,
+                    "self_certainty": s.self_certainty,
+                }
+                for s in p.steps
+            ],
+            "answer": p.answer,
+            "correct": is_equivalent(p.answer, problem["answer"]),
+        }
+        for p in result.particles
+    ]
+    return {
+        "particles": particles,
+        "seconds": time.perf_counter() - started,
+        "completion_tokens": result.usage.completion_tokens,
+    }
+
+
+# ------------------------------------------------------------------------------ scoring
+
+# Rewards measured: (spec, problems it is measured on: None = all). The LLM judge costs about
+# as much as generation on this CPU, so it runs on the first JUDGE_PROBLEMS problems.
+JUDGE_PROBLEMS = 20
+MEASURED: list[tuple[str, int | None]] = [
+    ("arithmetic", None),
+    ("self-certainty", None),
+    ("self-certainty-kl", None),
+    ("llm-judge", JUDGE_PROBLEMS),
+]
+# Products are computed from the cached scores of their factors, exactly as ProductReward
+# does (prod_i score_i ** a_i); their cost is the sum of the factors' costs.
+PRODUCTS = ["arithmetic * self-certainty", "arithmetic * llm-judge", "arithmetic * self-certainty * llm-judge"]
+AGGREGATION_NAMES = ("last", "min", "prod", "mean", "model")
+
+
+def requests_for(problem: dict, record: dict) -> tuple[list, list[tuple[int, int | None]]]:
+    """Every step of every particle (k = 1..K, for last/min/prod/mean) and every whole
+    answer as one step (for model), with (particle, k or None) targets."""
+    from itscale.lm.chat import MATH_SYSTEM_PROMPT
+    from itscale.rewards.base import ScoreRequest
+    from itscale.types import Prompt, Step
+
+    prompt = Prompt.of(problem["problem"], system=MATH_SYSTEM_PROMPT)
+    requests, targets = [], []
+    for i, particle in enumerate(record["particles"]):
+        steps = [Step(**s) for s in particle["steps"]]
+        texts = tuple(s.text for s in steps)
+        for k in range(1, len(steps) + 1):
+            requests.append(ScoreRequest(prompt, texts[:k], records=tuple(steps[:k])))
+            targets.append((i, k))
+        requests.append(ScoreRequest.for_prefix(prompt, texts, records=steps))
+        targets.append((i, None))
+    return requests, targets
+
+
+async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | None = None) -> dict:
+    """Scores per reward: {problem id: {"steps": [[...] per particle], "model": [...],
+    "seconds", "tokens", "scored"}}, cached per reward and problem."""
+    from itscale.rewards.registry import make_reward
+
+    scores = {}
+    for spec, limit in MEASURED:
+        path = CACHE / f"scores-{spec}.json"
+        cached = read_json(path, {})
+        scores[spec] = cached
+        if only is not None and spec not in only:
+            continue  # report what is cached, score nothing new
+        reward = make_reward(spec, lm)
+        for problem in problems[:limit]:
+            record = samples.get(problem["id"])
+            if record is None or problem["id"] in cached:
+                continue
+            requests, targets = requests_for(problem, record)
+            started = time.perf_counter()
+            result = await reward.score(requests)
+            seconds = time.perf_counter() - started
+            entry = {
+                "steps": [[] for _ in record["particles"]],
+                "model": [None] * len(record["particles"]),
+                "seconds": seconds,
+                "tokens": result.tokens,
+                "scored": len(requests),
+            }
+            for (i, k), value in zip(targets, result.values, strict=True):
+                if k is None:
+                    entry["model"][i] = value
+                else:
+                    entry["steps"][i].append(value)
+            cached[problem["id"]] = entry
+            write_json_atomically(path, cached)
+            print(f"scored {spec} on {problem['id']}: {len(requests)} steps, {seconds:.1f} s", flush=True)
+    for product in PRODUCTS:
+        factors = [f.strip() for f in product.split("*")]
+        common = set.intersection(*(set(scores[f]) for f in factors))
+        if not common:
+            continue
+        scores[product] = {pid: _product([scores[f][pid] for f in factors]) for pid in common}
+    return scores
+
+
+def _product(entries: list[dict]) -> dict:
+    return {
+        "steps": [
+            [math.prod(v) for v in zip(*rows, strict=True)] for rows in zip(*(e["steps"] for e in entries), strict=True)
+        ],
+        "model": [math.prod(v) for v in zip(*(e["model"] for e in entries), strict=True)],
+        "seconds": sum(e["seconds"] for e in entries),
+        "tokens": sum(e["tokens"] for e in entries),
+        "scored": entries[0]["scored"],
+    }
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """P(score of a correct particle > score of a wrong one), ties counting half."""
+    positives = [s for s, y in zip(scores, labels, strict=True) if y]
+    negatives = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not positives or not negatives:
+        return None
+    ranked = sorted((s, y) for s, y in zip(scores, labels, strict=True))
+    # Mann-Whitney U with average ranks for ties.
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        average_rank = (i + 1 + j) / 2
+        rank_sum += average_rank * sum(1 for _, y in ranked[i:j] if y)
+        i = j
+    u = rank_sum - len(positives) * (len(positives) + 1) / 2
+    return u / (len(positives) * len(negatives))
+
+
+def particle_scores(entry: dict, how: str) -> list[float]:
+    from itscale.rewards.base import aggregate
+
+    if how == "model":
+        return entry["model"]
+    return [aggregate(steps, how) for steps in entry["steps"]]
+
+
+def table_rows(problems: list[dict], samples: dict, scores: dict, limit: int | None) -> list[dict]:
+    """One row per (reward, aggregation) on the first `limit` problems."""
+    chosen = [p["id"] for p in problems[:limit] if p["id"] in samples]
+    rows = []
+    for spec, by_problem in scores.items():
+        ids = [pid for pid in chosen if pid in by_problem]
+        if len(ids) < len(chosen):
+            continue  # not measured on these problems
+        seconds = sum(by_problem[pid]["seconds"] for pid in ids)
+        tokens = sum(by_problem[pid]["tokens"] for pid in ids)
+        scored = sum(by_problem[pid]["scored"] for pid in ids)
+        for how in AGGREGATION_NAMES:
+            all_scores, labels, best = [], [], []
+            for pid in ids:
+                values = particle_scores(by_problem[pid], how)
+                correct = [p["correct"] for p in samples[pid]["particles"]]
+                all_scores += values
+                labels += correct
+                best.append(correct[max(range(len(values)), key=lambda i: values[i])])
+            rows.append(
+                {
+                    "reward": spec,
+                    "aggregation": how,
+                    "auroc": auroc(all_scores, labels),
+                    "best_of_n": sum(best) / len(best),
+                    "ms_per_step": 1000 * seconds / scored,
+                    "tokens_per_step": tokens / scored,
+                }
+            )
+    return rows
+
+
+def baselines(problems: list[dict], samples: dict, limit: int | None) -> dict[str, float]:
+    from itscale.answers import majority
+
+    ids = [p["id"] for p in problems[:limit] if p["id"] in samples]
+    particles = [samples[pid]["particles"] for pid in ids]
+    vote = []
+    for ps in particles:
+        winner, _ = majority([p["answer"] for p in ps])
+        vote.append(any(p["correct"] for p in ps if winner is not None and p["answer"] == winner))
+    return {
+        "problems": len(ids),
+        "particles": sum(len(ps) for ps in particles),
+        "mean accuracy of one sample": sum(p["correct"] for ps in particles for p in ps)
+        / max(1, sum(map(len, particles))),
+        "majority vote of 8": sum(vote) / max(1, len(vote)),
+        "oracle (pass@8)": sum(any(p["correct"] for p in ps) for ps in particles) / max(1, len(particles)),
+    }
+
+
+def print_table(title: str, rows: list[dict], base: dict) -> None:
+    print(f"\n### {title}\n")
+    print(
+        f"{base['problems']} problems, {base['particles']} samples; one sample is right "
+        f"{base['mean accuracy of one sample']:.1%} of the time; majority vote of 8: {base['majority vote of 8']:.1%}; "
+        f"oracle (pass@8): {base['oracle (pass@8)']:.1%}\n"
+    )
+    print("| reward | aggregation | AUROC | best-of-8 accuracy | ms / scored step | tokens / scored step |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        auc = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
+        print(
+            f"| {r['reward']} | {r['aggregation']} | {auc} | {r['best_of_n']:.1%} | "
+            f"{r['ms_per_step']:.2f} | {r['tokens_per_step']:.1f} |"
+        )
+
+
+def arithmetic_speed(samples: dict) -> float:
+    """Steps per second of the arithmetic verifier alone on every sampled step (no cache)."""
+    from itscale.rewards.arithmetic import ArithmeticVerifier, _evaluated_stripped
+
+    texts = [s["text"] for record in samples.values() for p in record["particles"] for s in p["steps"]]
+    _evaluated_stripped.cache_clear()
+    verifier = ArithmeticVerifier()
+    started = time.perf_counter()
+    for text in texts:
+        verifier.check(text)
+    return len(texts) / (time.perf_counter() - started)
+
+
+async def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--sample-only", action="store_true", help="stop after sampling")
+    parser.add_argument("--concurrency", type=int, default=6, help="problems sampled at once on the engine")
+    parser.add_argument("--reverse", action="store_true", help="sample from the last problem backwards")
+    parser.add_argument("--rewards", help="comma-separated rewards to score now (default: all measured)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for llama.cpp (1 on a busy machine)")
+    args = parser.parse_args(argv)
+
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    problems = load_problems(args.problems)
+    only = set(args.rewards.split(",")) if args.rewards else None
+    sampled = all(p["id"] in load_samples(args.samples) for p in problems)
+    needs_engine = not sampled or only is None or "llm-judge" in only
+    lm = LlamaCppModel(GENERATOR, n_ctx=32768, n_seq_max=256, n_threads=args.threads) if needs_engine else None
+    try:
+        samples = await sample(lm, problems, args.samples, args.concurrency, args.reverse) if not sampled else None
+        samples = samples or load_samples(args.samples)
+        if args.sample_only:
+            return
+        scores = await score_all(lm, problems, samples, only)
+    finally:
+        if lm is not None:
+            lm.shutdown()
+    print(
+        f"\nGenerator {GENERATOR}, temperature {TEMPERATURE}, max_tokens {MAX_TOKENS}; reward costs exclude sampling."
+    )
+    print_table(
+        f"All {len(problems)} problems (rewards without a model)",
+        table_rows(problems, samples, scores, None),
+        baselines(problems, samples, None),
+    )
+    print_table(
+        f"First {JUDGE_PROBLEMS} problems (every reward, including the LLM judge)",
+        table_rows(problems, samples, scores, JUDGE_PROBLEMS),
+        baselines(problems, samples, JUDGE_PROBLEMS),
+    )
+    print(f"\narithmetic verifier alone: {arithmetic_speed(samples):,.0f} steps/second (one core, no cache)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
