@@ -19,6 +19,9 @@ import pytest
 from itscale.lm.models import model_path
 
 REPO = Path(__file__).resolve().parents[1]
+# llama.cpp threads spin while they wait: on a machine shared with other model processes,
+# ITSCALE_TEST_THREADS=1 keeps the tests from slowing each other down.
+THREADS = int(os.environ.get("ITSCALE_TEST_THREADS", "2"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -34,7 +37,7 @@ def smol():
     """SmolLM2-135M in the embedded engine, shared by the session."""
     from itscale.lm.llamacpp import LlamaCppModel
 
-    model = LlamaCppModel("smollm2-135m", n_ctx=8192, n_seq_max=64, n_threads=2)
+    model = LlamaCppModel("smollm2-135m", n_ctx=8192, n_seq_max=64, n_threads=THREADS)
     yield model
     model.shutdown()
 
@@ -43,7 +46,7 @@ def smol():
 def qwen():
     from itscale.lm.llamacpp import LlamaCppModel
 
-    model = LlamaCppModel("qwen2.5-coder-0.5b", n_ctx=8192, n_seq_max=64, n_threads=2)
+    model = LlamaCppModel("qwen2.5-coder-0.5b", n_ctx=8192, n_seq_max=64, n_threads=THREADS)
     yield model
     model.shutdown()
 
@@ -73,7 +76,7 @@ def llama_server():
             "--n_ctx",
             "4096",
             "--n_threads",
-            "2",
+            str(THREADS),
         ],
         stdout=log,
         stderr=log,

@@ -60,7 +60,7 @@ def _strip_number(token: str) -> str:
 def parse_number(text: str) -> float | None:
     """A plain number, tolerating `$`, thousands separators, `\\%`, `\\!` and a trailing
     unit word ("18 dollars"); None for anything else (fractions in LaTeX, expressions)."""
-    cleaned = text.strip().replace("\\!", "").replace("\\,", "").replace("$", "")
+    cleaned = text.strip().replace("\\!", "").replace("\\,", "").replace("\\$", "").replace("$", "")
     cleaned = re.sub(r"\\(?:text|mathrm)\{[^{}]*\}", "", cleaned)
     cleaned = cleaned.replace("\\%", "").replace("%", "").strip()
     match = re.fullmatch(r"(-?[\d,]*\.?\d+)(?:/(\d+))?(?:\s*[a-zA-Z]+)?\.?", cleaned)

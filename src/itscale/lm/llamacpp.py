@@ -469,7 +469,13 @@ class LlamaCppModel:
         b = w.branch
         if b.slot is None:
             source, shared = self._cached_prefix(b)
-            b.slot = self._allocate_slot(b)
+            if source is not None:  # never evict the branch we are about to copy from
+                was_busy, source.busy = source.busy, True
+            try:
+                b.slot = self._allocate_slot(b)
+            finally:
+                if source is not None:
+                    source.busy = was_busy
             if shared > 0:
                 self._ll.llama_memory_seq_cp(self._memory, source.slot, b.slot, 0, shared)
                 self.stats["kv_copies"] += 1

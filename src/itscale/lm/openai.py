@@ -244,6 +244,9 @@ class OpenAIModel:
             done = self._outputs(choices, usage, settings)
             rest = await asyncio.gather(*(self._sample(branch, settings, cap, [s]) for s in seeds[len(choices) :]))
             return done + [o for outs in rest for o in outs]
+        if n > 1:  # the server ignores n: one request per seed
+            parts = await asyncio.gather(*(self._sample(branch, settings, cap, [s]) for s in seeds))
+            return [o for outs in parts for o in outs]
         choices, usage = await self._complete(branch, settings, cap, seeds[0], 1)
         if not choices:
             raise BackendError(f"{self.api_url} returned no choices")

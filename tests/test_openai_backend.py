@@ -1,0 +1,195 @@
+"""The OpenAI-compatible backend against a real llama.cpp server, and against scripted HTTP
+servers on 127.0.0.1 for what that server cannot show (errors, retries, vLLM fields)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from itscale.errors import BackendError, UsageError
+from itscale.lm.base import StepSettings
+from itscale.lm.openai import OpenAIModel
+from itscale.search import make_algorithm
+from itscale.types import Prompt
+
+PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+
+
+async def test_greedy_search_through_a_real_server(llama_server: str) -> None:
+    lm = OpenAIModel(llama_server, chat_template="smollm2-135m")
+    try:
+        result = await make_algorithm("greedy").run(lm, PROBLEM, max_steps=3, max_tokens=120, max_step_tokens=60)
+    finally:
+        await lm.close()
+    particle = result.particles[0]
+    assert 1 <= len(particle.steps) <= 3
+    for step in particle.steps[:-1]:
+        assert step.end in ("delimiter", "step_cap")
+        if step.end == "delimiter":
+            assert step.text.endswith("\n\n")
+    # Every step re-sends the prefix: the server's prompt tokens grow with each step.
+    assert result.usage.prompt_tokens > 60 * len(particle.steps) / 2
+    assert result.usage.completion_tokens == particle.tokens > 0
+    assert lm.diagnostics["chat_template"] == "from smollm2-135m"
+    assert lm.name.endswith(".gguf")  # learned from /v1/models
+
+
+async def test_n_is_detected_as_unsupported_and_worked_around(llama_server: str) -> None:
+    lm = OpenAIModel(llama_server, chat_template="chatml")
+    try:
+        root = await lm.start(Prompt.of(PROBLEM))
+        branches = [lm.fork(root) for _ in range(3)]
+        settings = StepSettings(temperature=1.0, max_step_tokens=16)
+        outs = await lm.extend(branches, settings, [1, 2, 3])
+        assert len(outs) == 3 and all(o.tokens > 0 for o in outs)
+        assert lm.supports_n is False  # llama_cpp.server returns one choice for n=3
+        assert [b.steps[0] for b in branches] == [o.text for o in outs]
+        # Seeded: the same seeds give the same continuations.
+        again = [lm.fork(root) for _ in range(3)]
+        assert [o.text for o in await lm.extend(again, settings, [1, 2, 3])] == [o.text for o in outs]
+    finally:
+        await lm.close()
+
+
+# ---------------------------------------------------------------- scripted servers
+
+
+@contextmanager
+def scripted_server(respond: Callable[[str, dict | None], tuple[int, bytes]]) -> Iterator[tuple[str, list]]:
+    """An HTTP server on 127.0.0.1 answering each request with respond(path, json_body)."""
+    seen: list = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            seen.append((self.path, body))
+            status, payload = respond(self.path, body)
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def completion(text: str, finish: str = "stop", **extra: object) -> bytes:
+    choice = {"text": text, "index": 0, "finish_reason": finish, **extra}
+    return json.dumps({"choices": [choice], "usage": {"prompt_tokens": 10, "completion_tokens": 3}}).encode()
+
+
+async def extend_once(url: str, **options: object) -> str:
+    lm = OpenAIModel(url, "m", chat_template="chatml", backoff=0.01, **options)
+    try:
+        root = await lm.start(Prompt.of("hi"))
+        return (await lm.extend([root], StepSettings(), [0]))[0].text
+    finally:
+        await lm.close()
+
+
+async def test_retries_on_5xx_and_429_then_succeeds() -> None:
+    answers = iter([(500, b'{"error": "busy"}'), (429, b'{"error": "slow down"}'), (200, completion("ok"))])
+    with scripted_server(lambda path, body: next(answers)) as (url, seen):
+        assert await extend_once(url) == "ok\n\n"
+    assert len(seen) == 3
+
+
+async def test_gives_up_with_the_last_error_after_retries() -> None:
+    overloaded = scripted_server(lambda path, body: (503, b'{"error": {"message": "overloaded"}}'))
+    with overloaded as (url, seen), pytest.raises(BackendError, match=r"HTTP 503: overloaded .*after 3 attempts"):
+        await extend_once(url, retries=2)
+    assert len(seen) == 3
+
+
+async def test_a_client_error_is_not_retried_and_says_what_the_server_said() -> None:
+    refusing = scripted_server(lambda path, body: (400, b'{"error": {"message": "max_tokens too large"}}'))
+    with refusing as (url, seen), pytest.raises(BackendError, match="HTTP 400: max_tokens too large"):
+        await extend_once(url)
+    assert len(seen) == 1
+
+
+async def test_malformed_json_is_a_clear_error() -> None:
+    html = scripted_server(lambda path, body: (200, b"<html>oops"))
+    with html as (url, _), pytest.raises(BackendError, match="malformed JSON"):
+        await extend_once(url)
+    no_choices = scripted_server(lambda path, body: (200, b'{"id": 1}'))
+    with no_choices as (url, _), pytest.raises(BackendError, match="no 'choices'"):
+        await extend_once(url)
+
+
+async def test_an_unreachable_server_is_a_clear_error() -> None:
+    with scripted_server(lambda path, body: (200, b"{}")) as (url, _):
+        pass  # the server is gone: nothing listens on its port any more
+    with pytest.raises(BackendError, match="cannot reach the server"):
+        await extend_once(url)
+
+
+def test_bad_urls_and_modes_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="must start with http"):
+        OpenAIModel("localhost:8000")
+    with pytest.raises(UsageError, match="unknown mode"):
+        OpenAIModel("http://x", mode="rpc")  # type: ignore[arg-type]
+
+
+async def test_chat_mode_continues_the_assistant_turn_with_vllm_fields() -> None:
+    def vllm(path: str, body: dict | None) -> tuple[int, bytes]:
+        assert path == "/v1/chat/completions"
+        assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+        assert body["messages"][-1]["role"] == "assistant"
+        n = body["n"]
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": f"step{i}"},
+                "finish_reason": "stop",
+                "stop_reason": "\n\n",
+            }
+            for i in range(n)
+        ]
+        return 200, json.dumps({"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 2 * n}}).encode()
+
+    with scripted_server(vllm) as (url, seen):
+        lm = OpenAIModel(url, "m", mode="chat")
+        root = await lm.start(Prompt.of("hi"))
+        branches = [lm.fork(root) for _ in range(3)]
+        outs = await lm.extend(branches, StepSettings(), [4, 5, 6])
+        # Identical particles share one request with n=3; the continuation keeps the turn.
+        assert len(seen) == 1 and seen[0][1]["n"] == 3
+        assert [o.text for o in outs] == ["step0\n\n", "step1\n\n", "step2\n\n"]
+        assert lm.supports_n is True
+        assert sum(o.tokens for o in outs) == 6 and sum(o.prompt_tokens for o in outs) == 7
+        await lm.extend(branches[:1], StepSettings(), [1])
+        assert seen[1][1]["messages"][-1] == {"role": "assistant", "content": "step0\n\n"}
+        await lm.close()
+
+
+async def test_stop_reason_distinguishes_the_delimiter_from_end_of_turn() -> None:
+    answers = iter(
+        [(200, completion("The answer is 7.", stop_reason=None)), (200, completion("x", stop_reason="\n\n"))]
+    )
+    with scripted_server(lambda path, body: next(answers)) as (url, _):
+        lm = OpenAIModel(url, "m", chat_template="chatml")
+        root = await lm.start(Prompt.of("hi"))
+        [eos] = await lm.extend([root], StepSettings(), [0])
+        assert (eos.text, eos.end) == ("The answer is 7.", "eos")
+        [step] = await lm.extend([lm.fork(root, steps=0)], StepSettings(), [0])
+        assert (step.text, step.end) == ("x\n\n", "delimiter")
+        await lm.close()
