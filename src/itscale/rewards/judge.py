@@ -82,20 +82,45 @@ class LLMJudge(CachedReward):
         )
 
     async def _text_branch(self, r: ScoreRequest, tree: dict, temporary: list) -> LlamaBranch:
-        """A branch of this engine holding the request's text, built step by step from the
-        branches already made for this batch (a lazy fork evaluates only what is new)."""
+        """A branch of this engine holding the request's text, grown from the branches
+        already made for this batch (a lazy fork evaluates only what is new).
+
+        The text is tokenised whole, as the generator's tokens would be ("\\n\\n" followed by
+        a word is not "\\n\\n" then the word); the tree's nodes are the step boundaries whose
+        tokens are a prefix of the whole, so requests for successive prefixes of one
+        particle share them."""
         path = _step_path(r)
+        cache = tree.setdefault("tokens", {})
+        prefixes = [self._tokens_of("".join(path[:k]), cache) for k in range(1, len(path) + 1)]
+        full = prefixes[-1]
         node = tree.get((r.prompt,))
         if node is None:
             node = tree[(r.prompt,)] = await self.model.start(r.prompt)
             temporary.append(node)
-        for k in range(1, len(path) + 1):
-            key = (r.prompt, *path[:k])
+        done = 0
+        for tokens in prefixes:
+            if len(tokens) <= done or tokens != full[: len(tokens)]:
+                continue  # a boundary the whole text does not keep
+            key = (r.prompt, tokens)
             if key not in tree:
-                tree[key] = self.model.branch_from_text(node, path[k - 1])
+                tree[key] = self._continued(node, full[done : len(tokens)])
                 temporary.append(tree[key])
-            node = tree[key]
+            node, done = tree[key], len(tokens)
         return node
+
+    def _tokens_of(self, text: str, cache: dict) -> tuple[int, ...]:
+        if text not in cache:
+            cache[text] = tuple(self.model.tokenize(text, special=False))
+        return cache[text]
+
+    def _continued(self, parent: LlamaBranch, tokens: Sequence[int]) -> LlamaBranch:
+        """A lazy fork of `parent` continued by `tokens` (as `next_token_logprobs` continues
+        its forks with a suffix): the engine copies the parent's cells and evaluates the rest."""
+        child = self.model.fork(parent)
+        child.tokens.extend(tokens)
+        child.steps.append(self.model.detokenize(tokens))  # a step of its own, so forks of it keep it
+        child.step_ends.append(len(child.tokens))
+        return child
 
 
 def _step_path(r: ScoreRequest) -> tuple[str, ...]:
