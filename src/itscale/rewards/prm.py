@@ -103,7 +103,7 @@ class HFProcessRewardModel(CachedReward):
         else:
             self.candidates = [self._last_token(good_token), self._last_token(bad_token)]
             loader = transformers.AutoModelForCausalLM
-        self.model = loader.from_pretrained(source, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        self.model = loader.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()
 
     def _last_token(self, text: str) -> int:
