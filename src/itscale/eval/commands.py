@@ -70,6 +70,7 @@ def add_commands(subparsers: Any) -> None:
 def plan_from(args: argparse.Namespace) -> Plan:
     """The plan the arguments describe; raises UsageError for anything wrong in them."""
     from itscale.cli import parse_options, settings_from
+    from itscale.eval.runner import reward_factors
     from itscale.rewards.registry import DEFAULT_REWARD, reward_names
 
     if args.budget is not None or args.seed is not None:
@@ -85,8 +86,9 @@ def plan_from(args: argparse.Namespace) -> Plan:
     seeds = parse_seeds(args.seeds)
     options = split_options(args.option, algorithms, parse_options)
     reward = args.reward or DEFAULT_REWARD
-    if reward not in reward_names():
-        raise UsageError(f"unknown reward {reward!r}: use one of {', '.join(reward_names())}")
+    unknown = [name for name in reward_factors(reward) if name not in reward_names()]
+    if unknown:
+        raise UsageError(f"unknown reward {unknown[0]!r} in --reward: use one of {', '.join(reward_names())}")
     settings = settings_from(args)
     dataset = load_dataset(args.dataset, args.data_dir)
     backend = Backend(

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from itscale.eval.plan import Plan, Unit
 from itscale.eval.progress import EvalProgress
-from itscale.eval.runner import Job, stream
+from itscale.eval.runner import Job, reward_options, stream
 from itscale.eval.store import OutputDir
 from itscale.rewards.registry import make_reward
 
@@ -54,17 +54,16 @@ def evaluate(
     (else the plan's backend is opened, and closed at the end); `on_records` is called after
     each batch is safely written."""
     directory = OutputDir(out)
+    identity = plan.identity()
+    run = {
+        "command": command,
+        "grid": plan.grid(),
+        "executor": executor,
+        "workers": workers,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
     with directory.lock():
-        directory.prepare(
-            plan.identity(),
-            {
-                "command": command,
-                "grid": plan.grid(),
-                "executor": executor,
-                "workers": workers,
-                "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            },
-        )
+        directory.check(identity)
         done = directory.results.load()
         summary = Summary(directory.path, len(done), 0, directory.results.dropped_torn_line)
         units = plan.units(done)
@@ -79,23 +78,37 @@ def evaluate(
                     on_records(records)
 
             if not units:
-                pass
+                directory.record(identity, run)
             elif executor == "ray":
                 from itscale.eval.distributed import run_on_ray
 
+                directory.record(identity, run)
                 run_on_ray(job, plan.backend, units, sink, workers=workers, address=ray_address, cpus=ray_cpus)
             else:
-                asyncio.run(_run_here(plan, job, units, sink, workers, lm, judge))
+                ready = lambda: directory.record(identity, run)  # noqa: E731 - after the reward check
+                asyncio.run(_run_here(plan, job, units, sink, workers, lm, judge, ready))
     return summary
 
 
-async def _run_here(plan: Plan, job: Job, units: list[Unit], sink: Sink, workers: int, lm: Any, judge: Any) -> None:
+async def _run_here(
+    plan: Plan,
+    job: Job,
+    units: list[Unit],
+    sink: Sink,
+    workers: int,
+    lm: Any,
+    judge: Any,
+    ready: Callable[[], None],
+) -> None:
+    """Opens the backend (unless given one), checks that the reward can be built on it, calls
+    `ready` (which records the configuration), then runs the units."""
     opened = lm is None
     if opened:
         lm, judge = plan.backend.open(), plan.backend.open_judge()
     try:
         if any(plan.search(a).uses_reward for a in {u.algorithm for u in units}):
-            make_reward(job.reward, lm, judge)  # a reward that cannot work here fails before any run
+            make_reward(job.reward, lm, judge, **reward_options(job.reward, units[0].problem))
+        ready()
         async with contextlib.aclosing(stream(units, job, lm, judge, workers)) as batches:
             async for records in batches:
                 sink(records)

@@ -175,9 +175,19 @@ def markdown(config: dict[str, Any], rows: list[Row]) -> str:
 
 def print_table(rows: list[Row]) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("algorithm", "budget", "accuracy", "95% CI", "problems", "mean tokens", "mean s", "samples")
+    table = Table(
+        Column("algorithm", no_wrap=True),
+        Column("budget", justify="right", no_wrap=True),
+        Column("accuracy", justify="right", no_wrap=True),
+        Column("95% CI", no_wrap=True),
+        Column("n", justify="right", no_wrap=True),
+        Column("tokens", justify="right", no_wrap=True),
+        Column("seconds", justify="right", no_wrap=True),
+        Column("samples", no_wrap=True),
+        caption="n: problems; tokens, seconds: mean per run; *: estimated (sample reuse)",
+    )
     for r in rows:
         table.add_row(
             r.algorithm,
@@ -187,6 +197,9 @@ def print_table(rows: list[Row]) -> None:
             str(r.problems),
             f"{r.mean_tokens:,.0f}",
             f"{r.mean_seconds:.1f}{'*' if r.seconds_estimated else ''}",
-            f"reused ({', '.join(map(str, r.sampled_from))})" if r.sampled_from else "own",
+            f"from {', '.join(map(str, r.sampled_from))}" if r.sampled_from else "own",
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: as wide as the table needs, not 80 columns
+        console = Console(width=140)
+    console.print(table)

@@ -129,6 +129,8 @@ def subset_usage(result: Result, b: int, shared_prompt: int, own_prompt: list[in
         lm_calls=max((len(p.steps) for p in first), default=0),
         reward_calls=total.reward_calls,
     )
+    if hasattr(total, "scored_steps"):  # newer Usage counts the reward's scored steps
+        usage.scored_steps = sum(scored[:b])
     share = usage.total_tokens / total.total_tokens if total.total_tokens else b / n
     usage.seconds = total.seconds * share
     usage.lm_seconds = total.lm_seconds * share

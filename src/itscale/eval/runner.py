@@ -8,12 +8,16 @@ would make a run's reward tokens depend on what ran before it.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from itscale.answers import is_equivalent
 from itscale.errors import ItscaleError
+from itscale.eval.datasets import Problem
 from itscale.eval.plan import Unit
 from itscale.eval.reuse import MeteredModel, subset_usage
 from itscale.lm.base import LanguageModel
@@ -34,12 +38,16 @@ class Job:
 
 async def run_unit(unit: Unit, job: Job, lm: LanguageModel, judge: Any = None) -> list[dict[str, Any]]:
     """Runs the unit's search and returns its records (one per budget it covers)."""
+    started = time.time()
     search = make_algorithm(unit.algorithm, **job.options.get(unit.algorithm, {}))
-    reward = make_reward(job.reward, lm, judge) if search.uses_reward else None
+    reward = (
+        make_reward(job.reward, lm, judge, **reward_options(job.reward, unit.problem)) if search.uses_reward else None
+    )
     settings = job.settings.replace(budget=unit.run_budget, seed=unit.seed)
     if not unit.reuse:
         result = await search.run(lm, unit.problem.problem, settings, reward=reward)
-        return [_record(unit, unit.run_budget, result, result.particles, result.answer, result.text, result.usage)]
+        records = [_record(unit, unit.run_budget, result, result.particles, result.answer, result.text, result.usage)]
+        return _stamped(records, started)
     metered = MeteredModel(lm)
     result = await search.run(metered, unit.problem.problem, settings, reward=reward)
     shared, own = metered.prompt_split(len(result.particles), result.usage.prompt_tokens)
@@ -52,7 +60,31 @@ async def run_unit(unit: Unit, job: Job, lm: LanguageModel, judge: Any = None) -
         record = _record(unit, b, result, subset, pick.answer, text, usage, pick.weights, pick.notes)
         record["sampled_from"], record["seconds_estimated"] = len(result.particles), estimated
         records.append(record)
+    return _stamped(records, started)
+
+
+def _stamped(records: list[dict[str, Any]], started: float) -> list[dict[str, Any]]:
+    """When and where the run happened (wall clock; host:pid tells Ray workers apart)."""
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    finished = time.time()
+    for r in records:
+        r.update(started=started, finished=finished, worker=where)
     return records
+
+
+def reward_factors(spec: str) -> list[str]:
+    """The reward names in a reward spec ("arithmetic * llm-judge")."""
+    try:
+        from itscale.rewards.spec import parse_spec
+    except ImportError:  # a registry that takes plain names only
+        return [spec]
+    return [factor.name for factor in parse_spec(spec)]
+
+
+def reward_options(spec: str, problem: Problem) -> dict[str, Any]:
+    """The per-problem options a reward needs: the reference verifier (an oracle, for
+    pass@N-style upper bounds) is given the problem's known answer."""
+    return {"reference": problem.answer} if "reference" in reward_factors(spec) else {}
 
 
 def _record(

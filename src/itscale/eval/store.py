@@ -128,26 +128,29 @@ class OutputDir:
         except ValueError:
             raise UsageError(f"{self.config_path} is not valid JSON: restore it or use another --out") from None
 
-    def prepare(self, identity: dict[str, Any], run: dict[str, Any]) -> None:
-        """Creates the directory, or checks that its records were made with `identity`;
-        then records `run` (the command and its grid) in config.json."""
+    def check(self, identity: dict[str, Any]) -> None:
+        """Refuses a directory whose records were made with another identity (or that is
+        not an evaluation directory); changes nothing."""
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {self.path} is a file: give a directory")
-        self.path.mkdir(parents=True, exist_ok=True)
         config = self.read_config()
         if config is None:
             if self.results.path.exists():
                 raise UsageError(f"{self.path} has {RESULTS} but no {CONFIG}: not an itscale eval directory")
-            config = {"version": 1, "identity": identity, "runs": []}
-        else:
-            differences = diff_identity(config.get("identity", {}), identity)
-            if differences:
-                first, *rest = differences
-                more = f" (and {len(rest)} more: {', '.join(d.split(':')[0] for d in rest)})" if rest else ""
-                raise UsageError(
-                    f"{self.path} holds results of a different configuration: {first}{more}; "
-                    "use another --out, or the settings it was made with"
-                )
+            return
+        differences = diff_identity(config.get("identity", {}), identity)
+        if differences:
+            first, *rest = differences
+            more = f" (and {len(rest)} more: {', '.join(d.split(':')[0] for d in rest)})" if rest else ""
+            raise UsageError(
+                f"{self.path} holds results of a different configuration: {first}{more}; "
+                "use another --out, or the settings it was made with"
+            )
+
+    def record(self, identity: dict[str, Any], run: dict[str, Any]) -> None:
+        """Saves the identity (first time) and appends `run` (the command and its grid)."""
+        self.check(identity)
+        config = self.read_config() or {"version": 1, "identity": identity, "runs": []}
         config["runs"].append(run)
         write_json_atomic(self.config_path, config)
 

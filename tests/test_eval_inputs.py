@@ -1,0 +1,244 @@
+"""The evaluation harness without a model: datasets, bad input, the output directory, the
+plan, the bootstrap. Every bad input is a one-line error (exit code 2) before anything runs:
+these tests check that the output directory was not even created."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from itscale.cli import main
+from itscale.errors import UsageError
+from itscale.eval.datasets import default_data_dir, load_dataset
+from itscale.eval.plan import Backend, Plan, parse_budgets
+from itscale.eval.report import bootstrap_interval
+from itscale.eval.store import OutputDir, ResultStore
+from itscale.search import algorithm_names, make_algorithm
+from itscale.search.core import SearchSettings
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def eval_args(out, *extra: str) -> list[str]:
+    base = {"--dataset": "gsm8k", "--algorithms": "greedy", "--budgets": "1,2", "--limit": "2"}
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        base[flag] = value
+    return ["eval", *[w for pair in base.items() for w in pair], "--out", str(out), "--model", "smollm2-135m"]
+
+
+# ------------------------------------------------------------------ datasets
+
+
+def test_named_datasets_resolve_from_the_data_dir(data_dir):
+    gsm8k = load_dataset("gsm8k", data_dir)
+    assert len(gsm8k.problems) == 1319 and gsm8k.problems[0].id == "gsm8k-test-0"
+    assert gsm8k.problems[0].answer == "18"
+    for name, count in [("math500", 500), ("aime24", 30), ("amc23", 40)]:
+        assert len(load_dataset(name, data_dir).problems) == count
+    assert load_dataset("gsm8k", data_dir).fingerprint == gsm8k.fingerprint  # stable
+
+
+def test_data_dir_defaults_to_env_then_shared_data(data_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("ITSCALE_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data here: the checkout's is found
+    assert default_data_dir().resolve() == data_dir.resolve()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "tiny_test.jsonl").write_text('{"id": "1", "problem": "1+1?", "answer": "2"}\n')
+    monkeypatch.setenv("ITSCALE_DATA_DIR", str(tmp_path / "mine"))
+    assert [p.answer for p in load_dataset("tiny").problems] == ["2"]
+
+
+def test_jsonl_path_and_field_errors_name_the_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"id": 1, "problem": "1+1?", "answer": 2}\n\n{"id": "b", "problem": "2+2?", "answer": "4"}\n')
+    assert [(p.id, p.answer) for p in load_dataset(str(good)).problems] == [("1", "2"), ("b", "4")]
+    cases = {
+        '{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "2+2?"}\n': "line 2 has no 'answer'",
+        '{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": \n': "line 2 is not JSON",
+        '{"id": "a", "problem": "x", "answer": "2"}\n{"id": "a", "problem": "y", "answer": "3"}\n': "repeats id 'a'",
+        "[1, 2]\n": "line 1 is not a JSON object",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            load_dataset(str(bad))
+
+
+def test_hugging_face_names_fail_clearly_without_a_hub():
+    # This machine reaches no hub: the error says so and what to do instead, quickly.
+    pytest.importorskip("datasets", reason="the datasets extra: pip install 'itscale[datasets]'")
+    with pytest.raises(UsageError, match="cannot reach the Hugging Face hub for dataset 'openai/gsm8k:main'"):
+        load_dataset("openai/gsm8k:main")
+
+
+def test_hugging_face_names_without_the_datasets_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    with pytest.raises(UsageError, match=r"pip install 'itscale\[datasets\]'"):
+        load_dataset("hf:HuggingFaceH4/MATH-500")
+
+
+# ------------------------------------------------------------------ bad input on the command line
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--dataset", "nonesuch"), "unknown dataset 'nonesuch': give a JSONL path, one of aime24, amc23, gsm8k"),
+        (("--dataset", "missing.jsonl"), "dataset file missing.jsonl does not exist"),
+        (("--algorithms", "greedy,best-of-nope"), "unknown algorithm 'best-of-nope' in --algorithms"),
+        (("--budgets", "1,0"), "--budgets takes positive integers separated by commas, got '0'"),
+        (("--budgets", "2,-4"), "got '-4'"),
+        (("--budgets", "1.5"), "got '1.5'"),
+        (("--budgets", "one"), "got 'one'"),
+        (("--budgets", "1,,2"), "got ''"),
+        (("--seeds", "x"), "--seeds takes non-negative integers"),
+        (("--limit", "0"), "--limit must be a positive integer"),
+        (("--option", "particle-filter:mode=sound"), "names algorithm 'particle-filter', which is not in --algorithms"),
+        (("--option", "mode=sound"), "give it to one algorithm with --option ALGORITHM:NAME=VALUE"),
+        (("--reward", "nonesuch"), "unknown reward 'nonesuch'"),
+        (("--budget", "4"), "takes --budgets and --seeds"),
+        (("--temperature", "-1"), "temperature must be >= 0"),
+    ],
+)
+def test_bad_input_is_one_line_before_anything_runs(capsys, tmp_path, extra, message):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *eval_args(out, *extra))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("itscale: error: ") and message in err
+    assert not out.exists()
+
+
+def test_a_jsonl_line_missing_a_field_on_the_command_line(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "answer": "4"}\n')
+    code, err = run_cli(capsys, *eval_args(tmp_path / "out", "--dataset", str(bad)))
+    assert code == 2 and "line 2 has no 'problem'" in err and err.count("\n") == 1
+
+
+def test_algorithm_names_come_from_the_registry():
+    # Whatever the search package registers is accepted, and nothing else.
+    plan_names = algorithm_names()
+    assert "particle-filter-sound" in plan_names
+    for name in plan_names:
+        make_algorithm(name)
+
+
+# ------------------------------------------------------------------ the output directory
+
+
+def identity(**settings):
+    return {"dataset": {"source": "x", "fingerprint": "f"}, "settings": {"temperature": 0.8, **settings}}
+
+
+def test_a_different_configuration_is_refused_naming_the_setting(tmp_path):
+    out = OutputDir(tmp_path / "run")
+    out.path.mkdir()
+    out.record(identity(), {"command": ["a"]})
+    out.record(identity(), {"command": ["b"]})  # same identity: fine, the run is logged
+    assert [r["command"] for r in out.read_config()["runs"]] == [["a"], ["b"]]
+    with pytest.raises(UsageError, match=r"settings\.temperature: was 0\.8, now 0\.5; use another --out"):
+        out.check(identity(temperature=0.5))
+    with pytest.raises(UsageError, match=r"settings\.max_steps: was null, now 3"):
+        out.check(identity(max_steps=3))
+
+
+def test_options_of_algorithms_added_later_do_not_conflict(tmp_path):
+    out = OutputDir(tmp_path / "run")
+    out.path.mkdir()
+    out.record({"options": {"greedy": {}}}, {})
+    out.check({"options": {"greedy": {}, "particle-filter": {"mode": "sound"}}})
+    with pytest.raises(UsageError, match=r"options\.greedy\.x"):
+        out.check({"options": {"greedy": {"x": 1}}})
+
+
+def test_results_without_config_are_not_ours(tmp_path):
+    (tmp_path / "results.jsonl").write_text("")
+    with pytest.raises(UsageError, match="not an itscale eval directory"):
+        OutputDir(tmp_path).check({})
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    out = OutputDir(tmp_path)
+    with out.lock(), pytest.raises(UsageError, match="another itscale eval is writing"), OutputDir(tmp_path).lock():
+        pass
+
+
+def record(problem: str, budget: int = 1) -> dict:
+    return {"problem": problem, "algorithm": "greedy", "budget": budget, "seed": 0, "correct": True}
+
+
+def test_a_torn_last_line_is_dropped_and_cut_off(tmp_path):
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.append([record("a"), record("b")])
+    with open(store.path, "ab") as f:  # what a kill in the middle of a write leaves
+        f.write(json.dumps(record("c")).encode()[:25])
+    loaded = store.load()
+    assert sorted(k[0] for k in loaded) == ["a", "b"] and store.dropped_torn_line
+    assert store.path.read_bytes().endswith(b"\n")
+    store.append([record("c")])
+    assert sorted(k[0] for k in ResultStore(store.path).load()) == ["a", "b", "c"]
+
+
+def test_a_damaged_line_in_the_middle_is_an_error(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(record("a")) + "\n{oops\n" + json.dumps(record("b")) + "\n")
+    with pytest.raises(UsageError, match="line 2 is damaged"):
+        ResultStore(path).load()
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def test_units_reuse_samples_only_where_the_algorithm_allows(data_dir):
+    dataset = load_dataset("gsm8k", data_dir)
+    plan = Plan(
+        dataset,
+        ("greedy", "best-of-n"),
+        parse_budgets("4,1,2"),
+        (0,),
+        SearchSettings(),
+        "llm-judge",
+        Backend("smollm2-135m"),
+        limit=2,
+    )
+    units = plan.units({})
+    reuse = [u for u in units if u.algorithm == "best-of-n"]
+    assert [(u.run_budget, u.budgets, u.reuse) for u in reuse] == [(4, (1, 2, 4), True)] * 2
+    own = [u for u in units if u.algorithm == "greedy"]
+    assert sorted((u.problem.id, u.run_budget) for u in own) == sorted(
+        (p.id, b) for p in dataset.problems[:2] for b in (1, 2, 4)
+    )
+    assert [u.run_budget for u in units] == sorted(u.run_budget for u in units)  # cheap budgets first
+    # Only what is missing: budget 4 of problem 0 done leaves best-of-n at 2 for it.
+    first = dataset.problems[0].id
+    done = {(first, "best-of-n", 4, 0): {}, (first, "greedy", 1, 0): {}}
+    again = plan.units(done)
+    assert [(u.run_budget, u.budgets) for u in again if u.algorithm == "best-of-n" and u.problem.id == first] == [
+        (2, (1, 2))
+    ]
+    assert len(again) == len(units) - 1  # one greedy unit fewer; best-of-n still one unit
+
+
+# ------------------------------------------------------------------ the bootstrap
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_problems():
+    rng = np.random.default_rng(1)
+    small = (rng.random(20) < 0.6).astype(float)
+    large = (rng.random(2000) < 0.6).astype(float)
+    lo_s, hi_s = bootstrap_interval(small)
+    lo_l, hi_l = bootstrap_interval(large)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 5
+    # The normal approximation of a proportion's 95% interval, for many problems.
+    half = 1.96 * np.sqrt(large.mean() * (1 - large.mean()) / len(large))
+    assert abs((hi_l - lo_l) / 2 - half) < 0.005
+    assert bootstrap_interval(np.ones(10)) == (1.0, 1.0)
+    assert bootstrap_interval(small) == (lo_s, hi_s)  # seeded: the report is reproducible
