@@ -31,6 +31,17 @@ TINY_FLAGS = ["--max-tokens", "16", "--max-step-tokens", "16", "--max-steps", "2
 ENGINE_FLAGS = ["--model", "smollm2-135m", "--n-threads", "1", "--n-ctx", "2048"]
 
 
+def eval_command(out: Path, algorithms: str, limit: int, *backend: str) -> list[str]:
+    """`itscale eval` on the first `limit` GSM8K problems at budgets 1,2 with tiny settings;
+    `backend` flags (default: the embedded SmolLM2 on one thread), tiny settings last."""
+    return [
+        *("eval", "--dataset", "gsm8k", "--algorithms", algorithms, "--budgets", "1,2", "--limit", str(limit)),
+        *("--out", str(out), "--no-progress"),
+        *(backend or ENGINE_FLAGS),
+        *TINY_FLAGS,
+    ]
+
+
 @pytest.fixture(scope="module")
 def engine():
     model = LlamaCppModel("smollm2-135m", n_ctx=4096, n_seq_max=32, n_threads=1)
@@ -118,22 +129,7 @@ def test_every_run_gets_a_fresh_reward(engine, data_dir):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    command = [
-        "eval",
-        "--dataset",
-        "gsm8k",
-        "--algorithms",
-        "greedy,best-of-n",
-        "--budgets",
-        "1,2",
-        "--limit",
-        "2",
-        "--out",
-        str(out),
-        "--no-progress",
-        *ENGINE_FLAGS,
-        *TINY_FLAGS,
-    ]
+    command = eval_command(out, "greedy,best-of-n", 2)
     assert main(command) == 0
     return out, command
 
@@ -225,25 +221,7 @@ def test_a_larger_grid_adds_only_what_is_missing(finished, capsys):
 
 
 def eval_process(out: Path, limit: int = 3) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "itscale.cli",
-        "eval",
-        "--dataset",
-        "gsm8k",
-        "--algorithms",
-        "greedy,self-consistency",
-        "--budgets",
-        "1,2",
-        "--limit",
-        str(limit),
-        "--out",
-        str(out),
-        "--no-progress",
-        *ENGINE_FLAGS,
-        *TINY_FLAGS,
-    ]
+    command = [sys.executable, "-m", "itscale.cli", *eval_command(out, "greedy,self-consistency", limit)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -327,25 +305,7 @@ def overlapping(records: list[dict]) -> bool:
 
 
 def test_workers_run_problems_at_once_against_a_server(llama_server, data_dir, tmp_path, capsys):
-    command = [
-        "eval",
-        "--dataset",
-        "gsm8k",
-        "--algorithms",
-        "greedy,self-consistency",
-        "--budgets",
-        "1,2",
-        "--limit",
-        "3",
-        "--workers",
-        "3",
-        "--backend-url",
-        llama_server,
-        "--out",
-        str(tmp_path),
-        "--no-progress",
-        *TINY_FLAGS,
-    ]
+    command = eval_command(tmp_path, "greedy,self-consistency", 3, "--workers", "3", "--backend-url", llama_server)
     assert main(command) == 0, capsys.readouterr().err
     records = read_records(tmp_path)
     assert len(records) == len(set(keys(records))) == 12 and set(keys(records)) == expected_keys(data_dir)
