@@ -132,3 +132,18 @@ async def test_bad_input(smol) -> None:
     with pytest.raises(UsageError, match="mode"):
         make_algorithm("particle-filter", mode="exact")
     assert "particle-filter-sound" in algorithm_names()
+
+
+@pytest.mark.parametrize("name", [n for n in algorithm_names() if n not in ("greedy", "self-consistency")])
+async def test_every_algorithm_on_the_engine_releases_its_kv_cache(smol, name: str) -> None:
+    """Forks, replayed references (particle Gibbs), chains stepped together (parallel
+    tempering) and lookahead probes all run on real KV sequences and give them all back."""
+    options = {"sweeps": 2} if name in ("particle-gibbs", "parallel-tempering") else {}
+    if name in ("beam-search", "dvts"):
+        options = {"beam_width": 2, "lookahead": 1} if name == "beam-search" else {"beam_width": 2}
+    algorithm = make_algorithm(name, **options)
+    reward = LLMJudge(smol) if algorithm.uses_reward else None
+    result = await algorithm.run(smol, PROBLEM, SMALL.replace(budget=8, max_tokens=48, max_steps=2), reward=reward)
+    assert result.particles and result.usage.completion_tokens > 0
+    assert all(len(p.steps) <= 2 for p in result.particles)
+    assert smol.cached_branches == 0

@@ -93,6 +93,9 @@ class Particle:
     branch: Any = field(default=None, repr=False, compare=False)
     # Scratch space for a policy (for example the subtree a DVTS particle belongs to).
     tag: Any = field(default=None, repr=False, compare=False)
+    # A retained trajectory this particle replays instead of generating (conditional SMC);
+    # never inherited by copies.
+    replay: Any = field(default=None, repr=False, compare=False)
 
     @property
     def text(self) -> str:
@@ -151,6 +154,7 @@ class Usage:
     reward_tokens: int = 0
     lm_calls: int = 0
     reward_calls: int = 0
+    scored_steps: int = 0
     seconds: float = 0.0
     lm_seconds: float = 0.0
     reward_seconds: float = 0.0
@@ -184,6 +188,7 @@ class Resampling:
     children: list[int]
     ess: float | None = None
     resampled: bool = True
+    sweep: int = 0
 
 
 @dataclass

@@ -372,6 +372,12 @@ class LlamaCppModel:
         with contextlib.suppress(Exception):
             self.shutdown()
 
+    @property
+    def cached_branches(self) -> int:
+        """Branches holding KV cells now (0 when every branch has been released)."""
+        with self._lock:
+            return len(self._slot_owner)
+
     def _own(self, branch: Branch) -> LlamaBranch:
         if not isinstance(branch, LlamaBranch) or branch.owner is not self:
             raise ItscaleError("internal error: a branch from another backend was passed to the engine")

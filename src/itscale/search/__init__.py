@@ -6,12 +6,35 @@ from __future__ import annotations
 from typing import Any
 
 from itscale.errors import UsageError
+from itscale.search.beam import DVTS, BeamSearch
 from itscale.search.core import Run, Search, SearchSettings
-from itscale.search.particle_filter import ParticleFilter
-from itscale.search.sampling import BestOfN, Greedy, SelfConsistency, WeightedBestOfN
+from itscale.search.gibbs import ParallelTempering, ParticleGibbs
+from itscale.search.particle_filter import EntropicParticleFilter, ParticleFilter
+from itscale.search.sampling import (
+    AdaptiveSelfConsistency,
+    BestOfMajority,
+    BestOfN,
+    Greedy,
+    SelfConsistency,
+    WeightedBestOfN,
+)
 
 ALGORITHMS: dict[str, type[Search]] = {
-    cls.name: cls for cls in [Greedy, SelfConsistency, BestOfN, WeightedBestOfN, ParticleFilter]
+    cls.name: cls
+    for cls in [
+        Greedy,
+        SelfConsistency,
+        AdaptiveSelfConsistency,
+        BestOfN,
+        WeightedBestOfN,
+        BestOfMajority,
+        BeamSearch,
+        DVTS,
+        ParticleFilter,
+        EntropicParticleFilter,
+        ParticleGibbs,
+        ParallelTempering,
+    ]
 }
 
 

@@ -98,8 +98,23 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
 
 
+@dataclass
+class Replay:
+    """A trajectory replayed step by step instead of generated: the retained reference of
+    conditional SMC (particle Gibbs). `branch` holds its KV state, forked at each step."""
+
+    steps: list[Step]
+    end: str | None
+    branch: Any = None
+
+
 class Run:
-    """One execution of an algorithm on one prompt: the population and its bookkeeping."""
+    """One execution of an algorithm on one prompt: a population and its bookkeeping.
+
+    Sub-runs made with `spawn` (the chains of parallel tempering, the batches of adaptive
+    self-consistency) have their own population, selection randomness, genealogy and
+    diagnostics, and share the backend, the reward guard, the usage and the particle ids.
+    """
 
     def __init__(
         self,
@@ -108,25 +123,34 @@ class Run:
         prompt: Prompt,
         settings: SearchSettings,
         reward: Reward | None,
+        shared: Run | None = None,
+        key: int = 0,
     ):
         self.algorithm, self.lm, self.prompt, self.settings = algorithm, lm, prompt, settings
         self.reward = reward
-        self.guard = (
-            RewardGuard(reward, settings.reward_fallback, settings.reward_timeout, settings.max_reward_failures)
-            if reward is not None
-            else None
-        )
+        if shared is None:
+            self.guard = (
+                RewardGuard(reward, settings.reward_fallback, settings.reward_timeout, settings.max_reward_failures)
+                if reward is not None
+                else None
+            )
+            self.usage = Usage()
+            self._ids = itertools.count()
+        else:
+            self.guard, self.usage, self._ids = shared.guard, shared.usage, shared._ids
         self.step_settings = algorithm.step_settings(settings)
         self.particles: list[Particle] = []
-        self.usage = Usage()
         self.genealogy: list[Resampling] = []
         self.diagnostics: dict[str, Any] = {}
-        self.rng = np.random.default_rng(derive_seed(settings.seed, 0xA1))
+        self.rng = np.random.default_rng(derive_seed(settings.seed, 0xA1, key))
         self.step = 0  # steps taken in the current sweep
         self.sweep = 0
         self.budget_limited = False
-        self.observer: Callable[[Run], None] | None = None
-        self._ids = itertools.count()
+        self.observer: Callable[[Run], None] | None = shared.observer if shared is not None else None
+
+    def spawn(self, algorithm: Search, key: int) -> Run:
+        """A sub-run of `algorithm` sharing this run's backend, reward, usage and ids."""
+        return Run(algorithm, self.lm, self.prompt, self.settings, self.reward, shared=self, key=key)
 
     # ---------------------------------------------------------------- population
 
@@ -161,28 +185,53 @@ class Run:
         for i in parents:
             parent = old[i]
             child = parent.copy(self.new_id())
-            if not parent.finished and parent.branch is not None:
+            if parent.branch is not None and (not parent.finished or self.algorithm.keeps_finished_branches):
                 child.branch = self.lm.fork(parent.branch)
             children.append(child)
         for p in old:
             self.release(p)
-        self.genealogy.append(Resampling(self.step, [old[i].id for i in parents], [c.id for c in children], ess=ess))
+        self.genealogy.append(
+            Resampling(self.step, [old[i].id for i in parents], [c.id for c in children], ess=ess, sweep=self.sweep)
+        )
         self.particles = children
 
     def budget_spent(self) -> bool:
         cap = self.settings.token_budget
         return cap is not None and self.usage.budget_tokens >= cap
 
+    def token_allowance(self, n_live: int) -> int | None:
+        """Tokens each of `n_live` particles may generate this step under the token budget
+        (None without one), so the cap holds within a step, not only between steps. The
+        expected cost of scoring the step (the average reward tokens per scored step so
+        far) is set aside first; 0 means the budget cannot pay for another step."""
+        cap = self.settings.token_budget
+        if cap is None:
+            return None
+        scoring = 0
+        if self.algorithm.score_each_step and self.usage.scored_steps:
+            scoring = math.ceil(self.usage.reward_tokens / self.usage.scored_steps) * n_live
+        return max(0, (cap - self.usage.budget_tokens - scoring) // max(1, n_live))
+
     # ---------------------------------------------------------------- propose
 
     async def extend(self, particles: Sequence[Particle], settings: StepSettings | None = None) -> None:
-        """One step for every given live particle, in one batched call."""
+        """One step for every given live particle: generated in one batched call, or
+        replayed for a particle following a retained trajectory."""
         live = [p for p in particles if not p.finished]
+        for p in [p for p in live if p.replay is not None]:
+            self._replay_step(p)
+        live = [p for p in live if p.replay is None]
         if not live:
             return
         settings = settings or self.step_settings
         seeds = [derive_seed(self.settings.seed, self.sweep, self.step, p.id) for p in live]
         remaining = [max(1, settings.max_tokens - p.tokens) for p in live]
+        allowance = self.token_allowance(len(live))
+        if allowance == 0:
+            self.budget_limited = True
+            return
+        if allowance is not None:
+            remaining = [min(r, allowance) for r in remaining]
         with Stopwatch(self.usage, "lm_seconds"):
             outputs = await self.lm.extend([p.branch for p in live], settings, seeds, remaining)
         self.usage.lm_calls += 1
@@ -197,6 +246,20 @@ class Run:
             elif out.end == "length" or p.tokens >= settings.max_tokens:
                 self.finish(p, "length")
 
+    def _replay_step(self, p: Particle) -> None:
+        """Appends the next step of the particle's retained trajectory (generated and scored
+        in an earlier sweep: it costs nothing now)."""
+        replay = p.replay
+        k = len(p.steps)
+        p.steps.append(replace(replay.steps[k]))
+        self.release(p)
+        if replay.branch is not None:
+            p.branch = self.lm.fork(replay.branch, steps=k + 1)
+        if p.step_scores():
+            p.score = aggregate(p.step_scores(), self.algorithm.aggregation)
+        if k + 1 == len(replay.steps):
+            self.finish(p, replay.end or "max_steps")
+
     # ---------------------------------------------------------------- score
 
     def _request(self, p: Particle, k: int, branch: Any) -> ScoreRequest:
@@ -209,67 +272,30 @@ class Run:
     async def score(self, particles: Sequence[Particle], all_steps: bool = False) -> None:
         """Scores the particles' unscored steps: the last one, or with `all_steps` every
         step the aggregation needs (only the last for "last" and "model")."""
-        if self.guard is None:
-            return
+        await score_together([(self, particles)], all_steps)
+
+    def _score_requests(
+        self, particles: Sequence[Particle], all_steps: bool
+    ) -> list[tuple[ScoreRequest, Particle, int]]:
         need_all = all_steps and self.algorithm.aggregation not in ("last", "model")
-        requests, targets, temporary = [], [], []
+        wanted = []
         for p in particles:
             if not p.steps:
                 continue
-            ks = range(1, len(p.steps) + 1) if need_all else [len(p.steps)]
-            for k in ks:
-                if p.steps[k - 1].score is not None:
-                    continue
-                branch = p.branch
-                if branch is not None and k < len(p.steps):
-                    branch = self.lm.fork(branch, steps=k)
-                    temporary.append(branch)
-                requests.append(self._request(p, k, branch))
-                targets.append((p, k))
-        if not requests:
-            return
-        try:
-            with Stopwatch(self.usage, "reward_seconds"):
-                scores = await self.guard.score(requests)
-        finally:
-            for b in temporary:
-                self.lm.release(b)
-        self.usage.reward_calls += 1
-        self.usage.reward_tokens += scores.tokens
-        for key, value in scores.notes.items():
-            self.diagnostics.setdefault("reward_notes", {})[key] = value
-        for (p, k), value in zip(targets, scores.values, strict=True):
-            p.steps[k - 1].score = value
-        for p in {id(p): p for p, _ in targets}.values():
-            p.score = aggregate(p.step_scores(), self.algorithm.aggregation)
+            for k in range(1, len(p.steps) + 1) if need_all else [len(p.steps)]:
+                if p.steps[k - 1].score is None:
+                    branch = p.branch
+                    if branch is not None and k < len(p.steps):
+                        branch = self.lm.fork(branch, steps=k)  # released after scoring
+                    wanted.append((self._request(p, k, branch), p, k))
+        return wanted
 
     # ---------------------------------------------------------------- the loop
 
     async def loop(self) -> None:
         """Propose, score, select until every particle has finished, the step cap is
         reached or the token budget is spent."""
-        while self.live():
-            if self.budget_spent():
-                self.budget_limited = True
-                break
-            live = self.live()
-            await self.extend(live)
-            self.step += 1
-            if self.step >= self.settings.max_steps:
-                for p in live:
-                    if not p.finished:
-                        self.finish(p, "max_steps")
-            if self.algorithm.score_each_step:
-                await self.score(live)
-            await self.algorithm.select(self)
-            if self.algorithm.score_each_step:
-                # Finished particles are never extended again; an algorithm that scores at
-                # the end keeps their branches so the reward can reuse their KV cache.
-                for p in self.particles:
-                    if p.finished:
-                        self.release(p)
-            if self.observer is not None:
-                self.observer(self)
+        await lockstep([self])
 
     # ---------------------------------------------------------------- result
 
@@ -296,6 +322,70 @@ class Run:
         )
 
 
+async def score_together(work: Sequence[tuple[Run, Sequence[Particle]]], all_steps: bool = False) -> None:
+    """Scores the particles of one or more runs (sharing a reward) in one reward call."""
+    wanted = [(run, *item) for run, particles in work for item in run._score_requests(particles, all_steps)]
+    if not wanted or wanted[0][0].guard is None:
+        return
+    lead = wanted[0][0]
+    try:
+        with Stopwatch(lead.usage, "reward_seconds"):
+            scores = await lead.guard.score([request for _, request, _, _ in wanted])
+    finally:
+        for run, request, particle, _ in wanted:
+            if request.branch is not None and request.branch is not particle.branch:
+                run.lm.release(request.branch)  # a fork made for an earlier step
+    lead.usage.reward_calls += 1
+    lead.usage.reward_tokens += scores.tokens
+    lead.usage.scored_steps += len(wanted)
+    for run in {id(run): run for run, *_ in wanted}.values():
+        if scores.notes:
+            run.diagnostics.setdefault("reward_notes", {}).update(scores.notes)
+    for (_, _, particle, k), value in zip(wanted, scores.values, strict=True):
+        particle.steps[k - 1].score = value
+    for run, _, particle, _ in wanted:
+        particle.score = aggregate(particle.step_scores(), run.algorithm.aggregation)
+
+
+async def lockstep(runs: Sequence[Run]) -> None:
+    """The population loop for one or more populations stepped together: every round, all
+    their live particles are extended in one batched call and scored in one reward call,
+    then each population's policy selects. Several chains stepped this way batch on the
+    backend and stay reproducible (batch composition never depends on timing)."""
+    while True:
+        active = [r for r in runs if r.live()]
+        if not active:
+            return
+        lead = active[0]
+        if lead.budget_spent():
+            for r in active:
+                r.budget_limited = True
+            return
+        live = [(r, r.live()) for r in active]
+        await lead.extend([p for _, ps in live for p in ps])
+        if lead.budget_limited:  # the budget could not pay for this step: nothing was generated
+            for r in active:
+                r.budget_limited = True
+            return
+        for r, ps in live:
+            r.step += 1
+            if r.step >= r.settings.max_steps:
+                for p in ps:
+                    if not p.finished:
+                        r.finish(p, "max_steps")
+        await score_together([(r, ps) for r, ps in live if r.algorithm.score_each_step])
+        for r in active:
+            await r.algorithm.select(r)
+            if r.algorithm.score_each_step and not r.algorithm.keeps_finished_branches:
+                # Finished particles are never extended again; an algorithm that scores at
+                # the end keeps their branches so the reward can reuse their KV cache.
+                for p in r.particles:
+                    if p.finished:
+                        r.release(p)
+            if r.observer is not None:
+                r.observer(r)
+
+
 class Search:
     """An algorithm: a policy over the population loop.
 
@@ -311,6 +401,9 @@ class Search:
     # N independent rollouts chosen by `pick`: an evaluation may run the largest budget
     # once and pick from its first b particles for every smaller budget b.
     reuses_samples: ClassVar[bool] = False
+    # Keep the KV state of finished particles until the end of a sweep (a retained
+    # reference trajectory is forked from it in the next sweep).
+    keeps_finished_branches: ClassVar[bool] = False
 
     def __init__(self, aggregation: str = "model"):
         if aggregation not in AGGREGATIONS:
@@ -368,11 +461,19 @@ class Search:
         await run.score(run.particles, all_steps=True)
 
     def choose(self, run: Run) -> Result:
-        """The result of the run, from `pick` over its final particles."""
-        pick = self.pick(run.particles)
+        """The result of the run, from `pick` over its final particles. When the token
+        budget cut the run short, only finished particles are candidates (if any finished):
+        an unfinished trace has no final answer, only a last number."""
+        candidates = list(range(len(run.particles)))
+        if run.budget_limited and any(p.finished for p in run.particles):
+            candidates = [i for i, p in enumerate(run.particles) if p.finished]
+        pick = self.pick([run.particles[i] for i in candidates])
         run.diagnostics.update(pick.notes)
-        chosen = run.particles[pick.index] if pick.index is not None else None
-        return run.result(chosen, pick.answer, pick.weights)
+        weights = [0.0] * len(run.particles)
+        for i, w in zip(candidates, pick.weights, strict=True):
+            weights[i] = w
+        chosen = run.particles[candidates[pick.index]] if pick.index is not None else None
+        return run.result(chosen, pick.answer, weights)
 
     def pick(self, particles: Sequence[Particle]) -> Pick:
         """The answer from final particles; by default the particle with the highest score.

@@ -106,7 +106,11 @@ class ParticleFilter(Search):
     def incremental_log_weight(self, p: Particle) -> float:
         current = self._prefix_reward(p, len(p.steps))
         previous = self._prefix_reward(p, len(p.steps) - 1)
-        return (_log(current) - _log(previous)) / self.temperature
+        if current <= 0:
+            return -math.inf
+        if previous <= 0:
+            return 0.0  # the weight is already -inf; nothing can revive it
+        return (math.log(current) - math.log(previous)) / self.temperature
 
     def _prefix_reward(self, p: Particle, k: int) -> float:
         """r_k: the aggregated reward of the first k steps (r_0 = 1)."""
@@ -130,17 +134,27 @@ class ParticleFilter(Search):
         self.resample(run, weights, ess)
 
     def resample(self, run: Run, weights: np.ndarray, ess: float) -> None:
-        n = len(run.particles)
-        parents = resample(weights, n, run.rng, self.resampling)
+        """Draws the next population from `proposal(weights)`. In sound mode a proposal
+        other than the weights themselves (an annealed one) is corrected for: each child
+        carries w/q of its parent, so the weighted population stays properly weighted and
+        the evidence estimate unbiased."""
+        proposal = self.proposal(run, weights, ess)
+        parents = self.draw_parents(run, proposal)
         if self.mode == "sound":
-            # The average unnormalised weight enters the evidence; children restart equal.
-            log_weights = [p.log_weight for p in run.particles]
-            run.diagnostics["log_evidence"] += _logmeanexp(log_weights)
+            run.diagnostics["log_evidence"] += _logmeanexp([p.log_weight for p in run.particles])
+            corrections = [_log(weights[a]) - _log(proposal[a]) for a in parents]
         run.select(parents, ess=ess)
         if self.mode == "sound":
-            for p in run.particles:
-                p.log_weight = 0.0
+            for child, correction in zip(run.particles, corrections, strict=True):
+                child.log_weight = correction
         run.diagnostics["resampled_steps"] += 1
+
+    def proposal(self, run: Run, weights: np.ndarray, ess: float) -> np.ndarray:
+        """The distribution parents are drawn from; the weights themselves by default."""
+        return weights
+
+    def draw_parents(self, run: Run, proposal: np.ndarray) -> list[int]:
+        return resample(proposal, len(run.particles), run.rng, self.resampling)
 
     # ------------------------------------------------------------------ choose
 
@@ -167,3 +181,84 @@ def _logmeanexp(values: list[float]) -> float:
         return -math.inf
     top = max(finite)
     return top + math.log(sum(math.exp(v - top) for v in finite) / len(values))
+
+
+ANNEALING_SCHEDULES = ("ess", "entropy", "linear")
+
+
+def annealing_temperature(
+    weights: np.ndarray, progress: float, schedule: str = "ess", initial_temperature: float = 2.0
+) -> float:
+    """The resampling temperature of entropic annealing for normalised `weights` at
+    `progress` (fraction of the step budget used, in [0, 1]):
+
+    - "ess":     T = max(1, (N / ESS) (1 - progress))          (Giannone et al., 2025)
+    - "entropy": T = max(1, (1 - progress) / H_norm), H_norm = H(w) / log N, the normalised
+                 entropy of the weights (1 for uniform weights, 0 for a single survivor)
+    - "linear":  T = max(1, initial_temperature (1 - progress))
+    """
+    n = len(weights)
+    remaining = max(0.0, 1.0 - progress)
+    if schedule == "ess":
+        return max(1.0, n / effective_sample_size(weights) * remaining)
+    if schedule == "entropy":
+        positive = weights[weights > 0]
+        entropy = float(-(positive * np.log(positive)).sum())
+        normalised = entropy / math.log(n) if n > 1 else 1.0
+        return max(1.0, remaining / max(normalised, 1e-12))
+    if schedule == "linear":
+        return max(1.0, initial_temperature * remaining)
+    raise UsageError(f"unknown annealing schedule {schedule!r}: use one of {', '.join(ANNEALING_SCHEDULES)}")
+
+
+class EntropicParticleFilter(ParticleFilter):
+    """Particle filtering with entropic annealing (Giannone et al., 2025, "Mitigating
+    Premature Exploitation in Particle-based Monte Carlo for Inference-Time Scaling").
+
+    Early in the run (progress = step / max_steps < `early_phase`), when the weights have
+    collapsed (ESS / N < `ess_threshold`), parents are drawn from the flattened distribution
+    q ∝ w^(1/T) with T from `annealing_temperature`, which keeps diverse hypotheses alive
+    that an overconfident early reward would prune. Systematic resampling by default. In
+    sound mode the children carry w/q, so the weights stay proper."""
+
+    name = "entropic-particle-filter"
+
+    def __init__(
+        self,
+        mode: Mode = "paper",
+        annealing: str = "ess",
+        early_phase: float = 0.5,
+        ess_threshold: float = 0.5,
+        initial_temperature: float = 2.0,
+        temperature: float = 1.0,
+        resampling: str = "systematic",
+        final: Literal["weight", "vote"] | None = None,
+        aggregation: str = "model",
+    ):
+        super().__init__(mode, temperature, resampling, ess_threshold, final, aggregation)
+        if annealing not in ANNEALING_SCHEDULES:
+            raise UsageError(f"unknown annealing schedule {annealing!r}: use one of {', '.join(ANNEALING_SCHEDULES)}")
+        if not 0 <= early_phase <= 1:
+            raise UsageError(f"early_phase is a fraction of max_steps in [0, 1], got {early_phase}")
+        if initial_temperature < 1:
+            raise UsageError(f"initial_temperature must be at least 1, got {initial_temperature}")
+        self.annealing, self.early_phase, self.initial_temperature = annealing, early_phase, initial_temperature
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "annealing": self.annealing,
+            "early_phase": self.early_phase,
+            "initial_temperature": self.initial_temperature,
+        }
+
+    def proposal(self, run: Run, weights: np.ndarray, ess: float) -> np.ndarray:
+        progress = run.step / run.settings.max_steps
+        temperature = 1.0
+        if progress < self.early_phase and ess < self.ess_threshold * len(weights):
+            temperature = annealing_temperature(weights, progress, self.annealing, self.initial_temperature)
+        run.diagnostics.setdefault("annealing_temperatures", []).append(round(temperature, 4))
+        if temperature == 1.0:
+            return weights
+        flattened = np.where(weights > 0, np.power(weights, 1.0 / temperature), 0.0)
+        return flattened / flattened.sum()

@@ -3,7 +3,9 @@
 - greedy (pass@1): one rollout at temperature 0;
 - self-consistency: majority vote over extracted answers (a missing answer is no vote);
 - best-of-N: the rollout with the highest (aggregated) reward;
-- weighted best-of-N: the answer with the largest summed reward over its rollouts.
+- weighted best-of-N: the answer with the largest summed reward over its rollouts;
+- Best-of-Majority: the best-rewarded rollout among those with a frequent answer;
+- adaptive self-consistency: majority vote, sampling in growing batches until confident.
 
 Their choice depends only on the final particles (`pick`), so an evaluation can generate
 the largest budget once and evaluate every smaller budget on a prefix of the rollouts.
@@ -11,11 +13,15 @@ the largest budget once and evaluate every smaller budget on a prefix of the rol
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
+from itscale.answers import is_equivalent
+from itscale.errors import UsageError
 from itscale.lm.base import StepSettings
 from itscale.search.core import Pick, Run, Search, SearchSettings, vote
-from itscale.types import Particle
+from itscale.types import Particle, Result
 
 
 class Greedy(Search):
@@ -62,3 +68,108 @@ class WeightedBestOfN(Search):
 
     def pick(self, particles: Sequence[Particle]) -> Pick:
         return vote(particles, [p.score if p.score is not None else 0.0 for p in particles])
+
+
+class BestOfMajority(Search):
+    """Best-of-Majority (Di et al., 2025): keep the rollouts whose answer is frequent (vote
+    share at least `min_share`; if no answer is that frequent, those with the most frequent
+    answer), then choose the one with the highest reward among them. Frequency guards
+    against a reward that favours a rare wrong answer; the reward breaks ties in the vote."""
+
+    name = "best-of-majority"
+    score_each_step = False
+    reuses_samples = True
+
+    def __init__(self, min_share: float = 0.3, aggregation: str = "model"):
+        super().__init__(aggregation)
+        if not 0 < min_share <= 1:
+            raise UsageError(f"min_share is a vote share in (0, 1], got {min_share}")
+        self.min_share = min_share
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "min_share": self.min_share}
+
+    def pick(self, particles: Sequence[Particle]) -> Pick:
+        votes = vote(particles).notes["votes"]
+        answered = sum(votes.values())
+        if not answered:
+            return super().pick(particles)
+        frequent = [a for a, n in votes.items() if n / answered >= self.min_share]
+        if not frequent:
+            frequent = [a for a, n in votes.items() if n == max(votes.values())]
+        candidates = [
+            i for i, p in enumerate(particles) if p.answer is not None and any(_same(p.answer, a) for a in frequent)
+        ]
+        best = max(candidates, key=lambda i: particles[i].score if particles[i].score is not None else 0.0)
+        weights = [1.0 / len(candidates) if i in candidates else 0.0 for i in range(len(particles))]
+        return Pick(best, particles[best].answer, weights, {"votes": votes, "frequent_answers": frequent})
+
+
+class AdaptiveSelfConsistency(Search):
+    """Adaptive self-consistency (Aggarwal et al., 2023): sample in growing batches
+    (`initial_batch`, then × `growth`) and stop as soon as the leading answer is the
+    majority with posterior probability at least `threshold` — with a uniform prior on the
+    two leading answers' shares, P(p1 > p2 | v1, v2) for X ~ Beta(v1 + 1, v2 + 1) — or the
+    budget is spent. The result reports the samples used and saved."""
+
+    name = "adaptive-self-consistency"
+    uses_reward = False
+    score_each_step = False
+
+    def __init__(self, threshold: float = 0.95, initial_batch: int = 2, growth: float = 2.0):
+        super().__init__()
+        if not 0.5 < threshold < 1:
+            raise UsageError(f"threshold must be in (0.5, 1), got {threshold}")
+        if not isinstance(initial_batch, int) or initial_batch < 1 or growth < 1:
+            raise UsageError("initial_batch must be a positive integer and growth at least 1")
+        self.threshold, self.initial_batch, self.growth = threshold, initial_batch, growth
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "threshold": self.threshold,
+            "initial_batch": self.initial_batch,
+            "growth": self.growth,
+        }
+
+    async def search(self, run: Run) -> Result:
+        budget = run.settings.budget
+        samples: list[Particle] = []
+        batch = self.initial_batch
+        confidence = 0.0
+        while len(samples) < budget and not run.budget_spent():
+            run.particles = await run.start(min(batch, budget - len(samples)))
+            await run.loop()
+            samples += run.particles
+            run.particles = samples
+            confidence = majority_confidence(vote(samples).notes["votes"])
+            if confidence >= self.threshold:
+                break
+            batch = max(batch + 1, math.ceil(batch * self.growth))
+        run.particles = samples
+        run.diagnostics.update(
+            {"samples_used": len(samples), "samples_saved": budget - len(samples), "confidence": confidence}
+        )
+        return self.choose(run)
+
+    async def finalise(self, run: Run) -> None:
+        pass
+
+    def pick(self, particles: Sequence[Particle]) -> Pick:
+        return vote(particles)
+
+
+def majority_confidence(votes: dict[str, float]) -> float:
+    """P(p1 > p2) for X ~ Beta(v1 + 1, v2 + 1), v1 >= v2 the two largest vote counts: the
+    posterior probability that the leading answer really is the more frequent one. For
+    integer parameters, P(X > 1/2) = P(Binomial(v1 + v2 + 1, 1/2) <= v1)."""
+    counts = sorted((round(v) for v in votes.values()), reverse=True)
+    if not counts:
+        return 0.0
+    v1, v2 = counts[0], counts[1] if len(counts) > 1 else 0
+    n = v1 + v2 + 1
+    return sum(math.comb(n, j) for j in range(v1 + 1)) / 2**n
+
+
+def _same(a: str, b: str) -> bool:
+    return a == b or is_equivalent(a, b)
