@@ -54,7 +54,12 @@ def add_commands(subparsers: Any) -> None:
     run.add_argument("--out", required=True, help="output directory (created; an existing one is resumed)")
     run.add_argument("--option", action="append", default=[], metavar="[ALGORITHM:]NAME=VALUE")
     run.add_argument("--executor", choices=["local", "ray"], default="local")
-    run.add_argument("--workers", type=int, default=1, help="problems run at once (per Ray worker with --executor ray)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="problems run at once, for a server backend (per Ray worker with --executor ray)",
+    )
     run.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     run.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray worker (default 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -124,6 +129,14 @@ def _eval(args: argparse.Namespace) -> int:
     from itscale.eval.evaluate import evaluate
 
     plan = plan_from(args)
+    if args.workers > 1 and not args.backend_url:
+        # The engine batches concurrent runs together, and llama.cpp's arithmetic depends on
+        # the batch: even greedy runs then change with scheduling.
+        print(
+            "itscale: note: --workers > 1 on the embedded engine batches runs together; results are then not "
+            "reproducible run to run (use --workers 1 for that)",
+            file=sys.stderr,
+        )
     try:
         summary = evaluate(
             plan,
