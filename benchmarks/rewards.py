@@ -137,7 +137,7 @@ async def _sample_one(lm, problem: dict, seed: int, n_samples: int) -> dict:
 
 # Rewards measured: (spec, problems it is measured on: None = all). The LLM judge costs about
 # as much as generation on this CPU, so it runs on the first JUDGE_PROBLEMS problems.
-JUDGE_PROBLEMS = 20
+JUDGE_PROBLEMS = 10
 MEASURED: list[tuple[str, int | None]] = [
     ("arithmetic", None),
     ("self-certainty", None),

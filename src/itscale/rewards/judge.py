@@ -86,21 +86,21 @@ class LLMJudge(CachedReward):
         already made for this batch (a lazy fork evaluates only what is new).
 
         The text is tokenised whole, as the generator's tokens would be ("\\n\\n" followed by
-        a word is not "\\n\\n" then the word); the tree's nodes are the step boundaries whose
-        tokens are a prefix of the whole, so requests for successive prefixes of one
-        particle share them."""
+        a word is not "\\n\\n" then the word); the tree's nodes are the step boundaries, cut
+        back to the tokens the whole text shares with them, so requests for successive
+        prefixes of one particle share every earlier step."""
         path = _step_path(r)
         cache = tree.setdefault("tokens", {})
-        prefixes = [self._tokens_of("".join(path[:k]), cache) for k in range(1, len(path) + 1)]
-        full = prefixes[-1]
+        full = self._tokens_of("".join(path), cache)
         node = tree.get((r.prompt,))
         if node is None:
             node = tree[(r.prompt,)] = await self.model.start(r.prompt)
             temporary.append(node)
         done = 0
-        for tokens in prefixes:
-            if len(tokens) <= done or tokens != full[: len(tokens)]:
-                continue  # a boundary the whole text does not keep
+        for k in range(1, len(path) + 1):
+            tokens = full if k == len(path) else _common_prefix(self._tokens_of("".join(path[:k]), cache), full)
+            if len(tokens) <= done:
+                continue
             key = (r.prompt, tokens)
             if key not in tree:
                 tree[key] = self._continued(node, full[done : len(tokens)])
@@ -121,6 +121,15 @@ class LLMJudge(CachedReward):
         child.steps.append(self.model.detokenize(tokens))  # a step of its own, so forks of it keep it
         child.step_ends.append(len(child.tokens))
         return child
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
 
 
 def _step_path(r: ScoreRequest) -> tuple[str, ...]:
