@@ -103,6 +103,13 @@ class CachedReward:
         forward pass)."""
         self._cache[request.key] = value
 
+    def remember_prefixes(self, request: ScoreRequest, step_scores: Sequence[float]) -> float:
+        """A PRM scores every step of a request in one forward pass: keeps the scores of
+        the earlier prefixes for later requests, and returns the last step's."""
+        for k in range(1, len(request.steps)):
+            self.remember(ScoreRequest(request.prompt, request.steps[:k], prefix=request.prefix), step_scores[k - 1])
+        return step_scores[-1]
+
     async def _score(self, requests: list[ScoreRequest]) -> Scores:
         raise NotImplementedError
 

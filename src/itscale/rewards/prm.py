@@ -129,9 +129,7 @@ class HFProcessRewardModel(CachedReward):
                     f"the PRM input has {len(scores)} separators for {len(r.steps)} steps: the separator "
                     f"{self.separator!r} must be a token of its own in this tokenizer"
                 )
-            for k in range(1, len(r.steps)):
-                self.remember(ScoreRequest(r.prompt, r.steps[:k], prefix=r.prefix), scores[k - 1])
-            values.append(scores[-1])
+            values.append(self.remember_prefixes(r, scores))
         return Scores(values, tokens=tokens)
 
     def step_scores(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:

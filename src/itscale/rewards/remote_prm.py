@@ -99,9 +99,7 @@ class RemotePRM(CachedReward):
                         f"the PRM server returned {len(step_scores)} step scores for {len(r.steps)} steps: serve the "
                         f"PRM with the STEP pooler on the separator {self.separator!r} (see itscale.rewards.remote_prm)"
                     )
-                for k in range(1, len(r.steps)):
-                    self.remember(ScoreRequest(r.prompt, r.steps[:k], prefix=r.prefix), step_scores[k - 1])
-                values.append(step_scores[-1])
+                values.append(self.remember_prefixes(r, step_scores))
             usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
             tokens += int(usage.get("total_tokens") or usage.get("prompt_tokens") or 0)
         return Scores(values, tokens=tokens)
