@@ -39,7 +39,7 @@ $(VENV)/.ready: pyproject.toml
 # `torch` requirement would download several GB of CUDA wheels.
 $(VENV)/.ready-test: $(VENV)/.ready
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,server,plot,hf,ray]'
+	$(BIN)/pip install --quiet -e '.[dev,server,plot,hf,ray,datasets]'
 	touch $@
 
 clean:

@@ -196,3 +196,23 @@ async def test_a_closed_engine_refuses_work() -> None:
     engine.shutdown()
     with pytest.raises(ItscaleError, match="closed"):
         await engine.extend([engine.fork(root)], GREEDY, [0])
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others(smol: LlamaCppModel) -> None:
+    import asyncio
+
+    root = await smol.start(PROBLEM)
+    doomed, other = smol.fork(root), smol.fork(root)
+    smol.release(root)
+    long_step = StepSettings(delimiter=64, max_step_tokens=64, temperature=0.0)
+    task = asyncio.create_task(smol.extend([doomed], long_step, [0]))
+    await asyncio.sleep(0.3)  # the work is running on the engine thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    outs = await smol.extend([other], GREEDY, [0])  # shares rounds with the cancelled work
+    assert outs[0].tokens > 0
+    smol.release(doomed)
+    smol.release(other)
+    await smol.extend([smol.fork(await smol.start(PROBLEM))], StepSettings(max_step_tokens=1), [0])
+    assert smol.cached_branches == 1, smol._slot_owner  # only the branch just made holds cells

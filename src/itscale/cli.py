@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("itscale: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `itscale report DIR | head`: the reader left, nothing to say
+        sys.stderr.close()
+        return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -420,11 +420,18 @@ class LlamaCppModel:
 
     def _round(self, active: list[_Work]) -> list[_Work]:
         with self._lock:
+            for w in [w for w in active if w.future.cancelled()]:
+                # The caller gave up (its task was cancelled): free the branch for reuse.
+                w.branch.busy = w.branch.preparing = False
+                if w.branch.released:
+                    self._release_locked(w.branch)
+            active = [w for w in active if not w.future.cancelled()]
             self._apply_pending_ops()
             active = active + self._materialise(active)
             ready = [w for w in active if w.ready and w.todo]
         self._decode(ready)
-        return [w for w in active if not w.future.done()]
+        # Cancelled work stays listed until the next round frees its branch.
+        return [w for w in active if not w.future.done() or w.future.cancelled()]
 
     def _apply_pending_ops(self) -> None:
         for slot, p0, free in self._pending_ops:
@@ -535,7 +542,8 @@ class LlamaCppModel:
             b.unattributed += w.evaluated
         if b.released:
             self._release_locked(b)
-        w.future.set_result(result)
+        if not w.future.done():  # a cancelled caller no longer waits for it
+            w.future.set_result(result)
 
     def _allocate_slot(self, owner: LlamaBranch) -> int:
         if not self._free_slots:
