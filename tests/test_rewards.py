@@ -158,7 +158,12 @@ def test_reward_specs_parse_names_options_and_exponents():
     (judge,) = parse_spec('llm-judge(step_question="Is it right, really? Answer \\"Yes\\" or No.")')
     assert judge.options == {"step_question": 'Is it right, really? Answer "Yes" or No.'}
     a, b = parse_spec("arithmetic^2 * self-certainty(variant=kl, scale=8)")
-    assert (a.name, a.exponent, b.name, b.options) == ("arithmetic", 2.0, "self-certainty", {"variant": "kl", "scale": 8})
+    assert (a.name, a.exponent, b.name, b.options) == (
+        "arithmetic",
+        2.0,
+        "self-certainty",
+        {"variant": "kl", "scale": 8},
+    )
     for bad, message in [
         ("", "empty"),
         ("arithmetic *", "reward name"),
@@ -322,7 +327,9 @@ async def test_a_reward_returning_the_wrong_number_of_scores_is_a_failure(smol):
 
 
 async def test_repeated_failures_stop_the_run_with_a_clear_error(smol):
-    with pytest.raises(RewardError, match=r"reward 'raising' failed 2 times .*went away.*max_reward_failures \(now 1\)"):
+    with pytest.raises(
+        RewardError, match=r"reward 'raising' failed 2 times .*went away.*max_reward_failures \(now 1\)"
+    ):
         await run_pf(smol, Raising(failures=100), max_reward_failures=1, max_steps=3)
 
 

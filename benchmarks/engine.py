@@ -1,0 +1,197 @@
+"""Engine benchmark: batched decoding, KV forks, and particle filtering's overhead.
+
+    .venv/bin/python benchmarks/engine.py [--model qwen2.5-coder-0.5b] [--threads 2] [--problems 5]
+
+Prints three tables (Markdown):
+1. tokens/s for 1, 4, 8, 16 sequences decoded together versus the same sequences decoded
+   one after another (each sequence generates exactly --tokens tokens);
+2. the time to make a 300-token prefix ready to decode on a new sequence: forking its KV
+   cache versus evaluating it again;
+3. particle filtering (paper mode, 8 particles, the LLM judge) on the first GSM8K test
+   problems: wall time, the time the engine needs to decode the same number of tokens
+   (and the prompt) in batches of 8 with no orchestration, and their ratio with the reward
+   time taken out (the orchestration overhead; target <= 1.25).
+Targets: 8 together >= 1.3x one at a time; fork >= 10x faster than re-evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from itscale.lm.base import StepSettings
+from itscale.lm.chat import MATH_SYSTEM_PROMPT
+from itscale.lm.llamacpp import LlamaCppModel
+from itscale.rewards.judge import LLMJudge
+from itscale.search import make_algorithm
+from itscale.search.core import SearchSettings
+from itscale.types import Prompt
+
+STORY = Prompt.of("Write a long story about a lighthouse keeper and a storm, in many paragraphs.")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
+
+
+async def fresh_branches(engine: LlamaCppModel, prompt: Prompt, n: int) -> list:
+    root = await engine.start(prompt)
+    branches = [engine.fork(root) for _ in range(n)]
+    engine.release(root)
+    return branches
+
+
+async def decode_throughput(engine: LlamaCppModel, tokens: int) -> list[tuple[int, float, float]]:
+    """(n, tokens/s together, tokens/s one after another) for n = 1, 4, 8, 16."""
+    settings = StepSettings(delimiter=tokens, max_step_tokens=tokens, temperature=0.8)
+    rows = []
+    for n in (1, 4, 8, 16):
+        # Warm the prompt so both measurements only decode.
+        together = await fresh_branches(engine, STORY, n)
+        await engine.extend(together, StepSettings(delimiter=1, temperature=0.8), list(range(n)))
+        start = time.perf_counter()
+        outs = await engine.extend(together, settings, list(range(n)))
+        together_rate = sum(o.tokens for o in outs) / (time.perf_counter() - start)
+        alone = await fresh_branches(engine, STORY, n)
+        await engine.extend(alone, StepSettings(delimiter=1, temperature=0.8), list(range(n)))
+        start, count = time.perf_counter(), 0
+        for i, branch in enumerate(alone):
+            count += (await engine.extend([branch], settings, [i]))[0].tokens
+        alone_rate = count / (time.perf_counter() - start)
+        for b in together + alone:
+            engine.release(b)
+        rows.append((n, together_rate, alone_rate))
+    return rows
+
+
+async def fork_versus_evaluate(engine: LlamaCppModel, prefix_tokens: int = 300) -> tuple[int, float, float, float]:
+    """(prefix length, fork seconds, re-evaluation seconds, KV copy seconds alone)."""
+    text = "The lighthouse stood on the cliff above the harbour. " * 40
+    prompt = Prompt.of(text)
+    root = await engine.start(prompt)
+    tokens = engine.tokenize(engine.template.prompt_text(prompt))[:prefix_tokens]
+    parent = engine.fork(root)
+    parent.tokens = tokens  # a branch holding exactly the prefix
+    parent.prompt_len = len(tokens)
+    engine.release(root)
+    await engine.next_token_logprobs([parent], [[]], [0])  # evaluates the prefix once
+    # Fork: a new sequence copies the prefix's cells, then only the pending token is fed.
+    start = time.perf_counter()
+    await engine.next_token_logprobs([parent], [[]], [0])
+    fork_seconds = time.perf_counter() - start
+    # Re-evaluation: a branch with the same tokens and no cached ancestor.
+    cold = await engine.start(prompt)
+    cold.tokens, cold.prompt_len = list(tokens), len(tokens)
+    start = time.perf_counter()
+    await engine.next_token_logprobs([cold], [[]], [0])
+    evaluate_seconds = time.perf_counter() - start
+    copy_seconds = _time_kv_copy(engine, parent, len(tokens) - 1)
+    for b in (parent, cold):
+        engine.release(b)
+    return len(tokens), fork_seconds, evaluate_seconds, copy_seconds
+
+
+def _time_kv_copy(engine: LlamaCppModel, branch, length: int, repeats: int = 100) -> float:
+    """The llama_memory_seq_cp call alone (a free sequence id, then dropped again)."""
+    ll, memory = engine._ll, engine._memory
+    with engine._lock:
+        slot = engine._free_slots[-1]
+        start = time.perf_counter()
+        for _ in range(repeats):
+            ll.llama_memory_seq_cp(memory, branch.slot, slot, 0, length)
+            ll.llama_memory_seq_rm(memory, slot, -1, -1)
+        return (time.perf_counter() - start) / repeats
+
+
+async def particle_filter_overhead(engine: LlamaCppModel, problems: list[dict], budget: int) -> list[dict]:
+    rows = []
+    algorithm = make_algorithm("particle-filter")
+    for problem in problems:
+        result = await algorithm.run(
+            engine, problem["question"], SearchSettings(budget=budget, seed=0, max_tokens=512), reward=LLMJudge(engine)
+        )
+        u = result.usage
+        # The same work with no orchestration: the prompt once, then the same number of
+        # tokens decoded by `budget` sequences together.
+        per_sequence = max(1, round(u.completion_tokens / budget))
+        prompt = Prompt.of(problem["question"], system=MATH_SYSTEM_PROMPT)
+        start = time.perf_counter()
+        branches = await fresh_branches(engine, prompt, budget)
+        settings = StepSettings(
+            delimiter=per_sequence, max_step_tokens=per_sequence, max_tokens=10_000, temperature=0.8
+        )
+        outs = await engine.extend(branches, settings, list(range(budget)))
+        bare = time.perf_counter() - start
+        for b in branches:
+            engine.release(b)
+        rows.append(
+            {
+                "problem": problem["id"],
+                "tokens": u.completion_tokens,
+                "bare_tokens": sum(o.tokens for o in outs),
+                "wall": u.seconds,
+                "reward": u.reward_seconds,
+                "bare": bare,
+                "ratio": (u.seconds - u.reward_seconds) / bare,
+                "answer": result.answer,
+                "reference": problem["answer"],
+            }
+        )
+    return rows
+
+
+def load_problems(n: int) -> list[dict]:
+    problems = []
+    with DATA.open() as f:
+        for line in f:
+            record = json.loads(line)
+            problems.append({"id": record["id"], "question": record["problem"], "answer": record["answer"]})
+            if len(problems) == n:
+                break
+    return problems
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per sequence in the throughput table")
+    parser.add_argument("--problems", type=int, default=5)
+    parser.add_argument("--budget", type=int, default=8)
+    args = parser.parse_args()
+    engine = LlamaCppModel(args.model, n_threads=args.threads, n_ctx=16384)
+
+    print(f"## Batched decoding ({args.model}, {args.threads} threads, {args.tokens} tokens per sequence)\n")
+    print("| sequences | together tok/s | one after another tok/s | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for n, together, alone in await decode_throughput(engine, args.tokens):
+        print(f"| {n} | {together:.1f} | {alone:.1f} | {together / alone:.2f}x |")
+
+    length, fork, evaluate, copy = await fork_versus_evaluate(engine)
+    print(f"\n## Fork versus re-evaluation of a {length}-token prefix\n")
+    print("| operation | seconds |")
+    print("| --- | --- |")
+    print(f"| fork (KV copy + the pending token) | {fork:.4f} |")
+    print(f"| llama_memory_seq_cp alone | {copy:.6f} |")
+    print(f"| re-evaluate the prefix | {evaluate:.3f} |")
+    print(f"| speed-up | {evaluate / fork:.0f}x |")
+
+    rows = await particle_filter_overhead(engine, load_problems(args.problems), args.budget)
+    print(f"\n## Particle filtering, {args.budget} particles, first {args.problems} GSM8K test problems\n")
+    print("| problem | tokens | wall s | reward s | bare decode s | (wall - reward) / bare | answer | reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['problem']} | {r['tokens']} | {r['wall']:.1f} | {r['reward']:.1f} | {r['bare']:.1f} | "
+            f"{r['ratio']:.2f} | {r['answer']} | {r['reference']} |"
+        )
+    wall = sum(r["wall"] for r in rows)
+    reward = sum(r["reward"] for r in rows)
+    bare = sum(r["bare"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    print(f"| all | {tokens} | {wall:.1f} | {reward:.1f} | {bare:.1f} | {(wall - reward) / bare:.2f} | | |")
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
