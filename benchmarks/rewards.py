@@ -8,7 +8,10 @@
    log-probabilities), and labels each by the reference answer.
 2. Scores every particle with every reward: each step given the steps before it (for the
    aggregations last/min/prod/mean) and the whole answer as one step (aggregation `model`).
-3. Prints, per reward and aggregation: AUROC of the particle score against correctness,
+3. Prints, per reward and aggregation: AUROC of the particle score against correctness
+   (pooled over all samples, and within a problem: the mean over problems whose samples are
+   neither all right nor all wrong; only the second says whether the reward can choose
+   among one problem's samples, the first also rewards knowing which problems are easy),
    the accuracy of choosing the highest-scoring of the 8 samples, and the cost per scored
    step (seconds, reward tokens).
 
@@ -270,18 +273,22 @@ def table_rows(problems: list[dict], samples: dict, scores: dict, limit: int | N
         tokens = sum(by_problem[pid]["tokens"] for pid in ids)
         scored = sum(by_problem[pid]["scored"] for pid in ids)
         for how in AGGREGATION_NAMES:
-            all_scores, labels, best = [], [], []
+            all_scores, labels, best, within = [], [], [], []
             for pid in ids:
                 values = particle_scores(by_problem[pid], how)
                 correct = [p["correct"] for p in samples[pid]["particles"]]
                 all_scores += values
                 labels += correct
                 best.append(correct[max(range(len(values)), key=lambda i: values[i])])
+                if (area := auroc(values, correct)) is not None:
+                    within.append(area)
             rows.append(
                 {
                     "reward": spec,
                     "aggregation": how,
                     "auroc": auroc(all_scores, labels),
+                    "auroc_within": sum(within) / len(within) if within else None,
+                    "mixed_problems": len(within),
                     "best_of_n": sum(best) / len(best),
                     "ms_per_step": 1000 * seconds / scored,
                     "tokens_per_step": tokens / scored,
@@ -316,12 +323,18 @@ def print_table(title: str, rows: list[dict], base: dict) -> None:
         f"{base['mean accuracy of one sample']:.1%} of the time; majority vote of 8: {base['majority vote of 8']:.1%}; "
         f"oracle (pass@8): {base['oracle (pass@8)']:.1%}\n"
     )
-    print("| reward | aggregation | AUROC | best-of-8 accuracy | ms / scored step | tokens / scored step |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    mixed = rows[0]["mixed_problems"] if rows else 0
+    print(f"AUROC within a problem: the mean over the {mixed} problems with both right and wrong samples.\n")
+    print(
+        "| reward | aggregation | AUROC pooled | AUROC within a problem | best-of-8 accuracy "
+        "| ms / scored step | tokens / scored step |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        auc = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
+        pooled = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
+        within = "n/a" if r["auroc_within"] is None else f"{r['auroc_within']:.3f}"
         print(
-            f"| {r['reward']} | {r['aggregation']} | {auc} | {r['best_of_n']:.1%} | "
+            f"| {r['reward']} | {r['aggregation']} | {pooled} | {within} | {r['best_of_n']:.1%} | "
             f"{r['ms_per_step']:.2f} | {r['tokens_per_step']:.1f} |"
         )
 

@@ -14,7 +14,7 @@ from itscale.cli import main
 from itscale.errors import UsageError
 from itscale.eval.datasets import default_data_dir, load_dataset
 from itscale.eval.plan import Backend, Plan, parse_budgets
-from itscale.eval.report import bootstrap_interval
+from itscale.eval.report import bootstrap_interval, complete_problems
 from itscale.eval.store import OutputDir, ResultStore
 from itscale.search import algorithm_names, make_algorithm
 from itscale.search.core import SearchSettings
@@ -200,7 +200,7 @@ def test_units_reuse_samples_only_where_the_algorithm_allows(data_dir):
     dataset = load_dataset("gsm8k", data_dir)
     plan = Plan(
         dataset,
-        ("greedy", "best-of-n"),
+        ("greedy", "best-of-n", "particle-filter"),
         parse_budgets("4,1,2"),
         (0,),
         SearchSettings(),
@@ -211,19 +211,31 @@ def test_units_reuse_samples_only_where_the_algorithm_allows(data_dir):
     units = plan.units({})
     reuse = [u for u in units if u.algorithm == "best-of-n"]
     assert [(u.run_budget, u.budgets, u.reuse) for u in reuse] == [(4, (1, 2, 4), True)] * 2
-    own = [u for u in units if u.algorithm == "greedy"]
-    assert sorted((u.problem.id, u.run_budget) for u in own) == sorted(
-        (p.id, b) for p in dataset.problems[:2] for b in (1, 2, 4)
+    # Greedy ignores the budget: one run per problem, recorded at every budget.
+    greedy = [u for u in units if u.algorithm == "greedy"]
+    assert [(u.run_budget, u.budgets, u.reuse) for u in greedy] == [(1, (1, 2, 4), False)] * 2
+    own = [u for u in units if u.algorithm == "particle-filter"]
+    assert sorted((u.problem.id, u.run_budget, u.budgets) for u in own) == sorted(
+        (p.id, b, (b,)) for p in dataset.problems[:2] for b in (1, 2, 4)
     )
-    assert [u.run_budget for u in units] == sorted(u.run_budget for u in units)  # cheap budgets first
+    # Problem by problem, cheap budgets first within a problem: a stopped run has the whole
+    # grid on its first problems.
+    first, second = (p.id for p in dataset.problems[:2])
+    assert [u.problem.id for u in units] == [first] * 5 + [second] * 5
+    assert [(u.algorithm, u.run_budget) for u in units[:5]] == [
+        ("greedy", 1),
+        ("particle-filter", 1),
+        ("particle-filter", 2),
+        ("best-of-n", 4),
+        ("particle-filter", 4),
+    ]
     # Only what is missing: budget 4 of problem 0 done leaves best-of-n at 2 for it.
-    first = dataset.problems[0].id
-    done = {(first, "best-of-n", 4, 0): {}, (first, "greedy", 1, 0): {}}
+    done = {(first, "best-of-n", 4, 0): {}, (first, "particle-filter", 1, 0): {}}
     again = plan.units(done)
     assert [(u.run_budget, u.budgets) for u in again if u.algorithm == "best-of-n" and u.problem.id == first] == [
         (2, (1, 2))
     ]
-    assert len(again) == len(units) - 1  # one greedy unit fewer; best-of-n still one unit
+    assert len(again) == len(units) - 1  # one particle-filter unit fewer; best-of-n still one unit
 
 
 # ------------------------------------------------------------------ the bootstrap
@@ -242,3 +254,14 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_problems():
     assert abs((hi_l - lo_l) / 2 - half) < 0.005
     assert bootstrap_interval(np.ones(10)) == (1.0, 1.0)
     assert bootstrap_interval(small) == (lo_s, hi_s)  # seeded: the report is reproducible
+
+
+def test_an_unfinished_run_is_reported_over_the_problems_every_cell_has():
+    def cell(problem: str, algorithm: str, budget: int) -> dict:
+        return {**record(problem, budget), "algorithm": algorithm}
+
+    done = [cell(p, a, b) for p in ("p0", "p1") for a in ("greedy", "particle-filter") for b in (1, 2)]
+    in_progress = [cell("p2", "greedy", 1), cell("p2", "greedy", 2), cell("p2", "particle-filter", 1)]
+    kept, left_out = complete_problems(done + in_progress)
+    assert kept == done and left_out == 3
+    assert complete_problems(done) == (done, 0)

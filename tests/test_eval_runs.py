@@ -151,6 +151,11 @@ def test_records_hold_prediction_answer_reference_and_verdict(finished, data_dir
         assert r["usage"]["completion_tokens"] > 0 and r["usage"]["total_tokens"] > r["usage"]["completion_tokens"]
     assert {r["sampled_from"] for r in records if r["algorithm"] == "best-of-n"} == {2}
     assert {r["sampled_from"] for r in records if r["algorithm"] == "greedy"} == {None}
+    # Greedy ignores the budget: one run per problem, recorded at both budgets.
+    greedy = {(r["problem"], r["budget"]): r for r in records if r["algorithm"] == "greedy"}
+    for p in problems:
+        once, twice = greedy[p, 1], greedy[p, 2]
+        assert (once["text"], once["usage"], once["started"]) == (twice["text"], twice["usage"], twice["started"])
 
 
 def test_the_same_command_again_computes_nothing(finished, capsys):

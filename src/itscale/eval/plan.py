@@ -4,7 +4,13 @@ of work it splits into, plus the backend every worker opens for itself.
 A *unit* is one search run that yields one or more records. Algorithms that pick from
 independent rollouts (`Search.reuses_samples`: self-consistency, best-of-N, ...) get one unit
 per (problem, seed) run at the largest budget still missing; every smaller missing budget b
-is then evaluated with `pick(particles[:b])`. Other algorithms get one unit per budget.
+is then evaluated with `pick(particles[:b])`. An algorithm that ignores the budget
+(`Search.uses_budget` false: greedy) gets one unit per (problem, seed) recorded at every
+missing budget. Other algorithms get one unit per budget.
+
+Units run problem by problem (every algorithm and budget of a problem before the next
+problem): a study stopped part way, or resumed across sessions, always has the whole grid
+on its first k problems, so every cell of its report is over the same problems.
 
 The *identity* of a plan is what a record's meaning depends on (dataset, model, reward,
 search settings, algorithm options); an output directory refuses a plan with another
@@ -67,7 +73,8 @@ class Backend:
 @dataclass(frozen=True)
 class Unit:
     """One search run: `algorithm` on `problem` with `seed` at `run_budget` particles, giving
-    records for `budgets` (just run_budget, or with sample reuse every missing budget)."""
+    records for `budgets` (just run_budget; with sample reuse, or for an algorithm that
+    ignores the budget, every missing budget)."""
 
     problem: Problem
     algorithm: str
@@ -123,26 +130,25 @@ class Plan:
         ]
 
     def units(self, done: set[Key] | dict[Key, Any]) -> list[Unit]:
-        """The runs still needed, cheapest budgets first (a stopped study has its low-budget
-        picture complete); within a budget, algorithm by algorithm."""
+        """The runs still needed: seed by seed, problem by problem, and within a problem the
+        cheapest budgets first, algorithm by algorithm."""
         units = []
         for order, algorithm in enumerate(self.algorithms):
-            reuse = self.search(algorithm).reuses_samples
+            search = self.search(algorithm)
             for seed in self.seeds:
                 for index, problem in enumerate(self.problems):
                     missing = tuple(b for b in self.budgets if (problem.id, algorithm, b, seed) not in done)
                     if not missing:
                         continue
-                    if reuse:
-                        units.append(
-                            (
-                                (seed, max(missing), order, index),
-                                Unit(problem, algorithm, seed, max(missing), missing, True),
-                            )
-                        )
+                    if search.reuses_samples:
+                        run = Unit(problem, algorithm, seed, max(missing), missing, True)
+                        units.append(((seed, index, run.run_budget, order), run))
+                    elif not search.uses_budget:
+                        run = Unit(problem, algorithm, seed, min(missing), missing, False)
+                        units.append(((seed, index, run.run_budget, order), run))
                     else:
                         units += [
-                            ((seed, b, order, index), Unit(problem, algorithm, seed, b, (b,), False)) for b in missing
+                            ((seed, index, b, order), Unit(problem, algorithm, seed, b, (b,), False)) for b in missing
                         ]
         return [u for _, u in sorted(units, key=lambda pair: pair[0])]
 

@@ -90,6 +90,18 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
     return rows
 
 
+def complete_problems(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The records of the problems every (algorithm, budget) cell has, and how many records
+    of other problems were left out: rows of an unfinished run then compare the same
+    problems (a run goes problem by problem, so that is its first k problems)."""
+    cells: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for r in records:
+        cells[(r["algorithm"], int(r["budget"]))].add(r["problem"])
+    common = set.intersection(*cells.values()) if cells else set()
+    kept = [r for r in records if r["problem"] in common]
+    return kept, len(records) - len(kept)
+
+
 def load(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     out = OutputDir(directory)
     config = out.read_config()
@@ -113,10 +125,20 @@ def write_report(directory: str | Path) -> tuple[list[Row], dict[str, Path]]:
     the files' paths."""
     path = Path(directory)
     config, records = load(path)
+    records, left_out = complete_problems(records)
+    if not records:
+        raise UsageError(f"no problem in {path} has records for every algorithm and budget yet: let the run go on")
     rows = summarise(records, algorithm_order(config))
+    notes = [TOKEN_NOTE]
+    if left_out:
+        notes.insert(
+            0,
+            f"Unfinished run: {left_out} records of problems not yet run at every algorithm and budget "
+            "are left out, so every row is over the same problems.",
+        )
     paths = {"markdown": path / "report.md", "json": path / "report.json"}
-    write_json_atomic(paths["json"], {"config": config, "rows": [asdict(r) for r in rows], "notes": [TOKEN_NOTE]})
-    write_text_atomic(paths["markdown"], markdown(config, rows))
+    write_json_atomic(paths["json"], {"config": config, "rows": [asdict(r) for r in rows], "notes": notes})
+    write_text_atomic(paths["markdown"], markdown(config, rows, notes))
     from itscale.eval.plots import plot_scaling
 
     paths.update(plot_scaling(rows, path, title=_title(config)))
@@ -131,7 +153,7 @@ def _title(config: dict[str, Any]) -> str:
     return f"{dataset} · {name} · reward {identity.get('reward')}"
 
 
-def markdown(config: dict[str, Any], rows: list[Row]) -> str:
+def markdown(config: dict[str, Any], rows: list[Row], notes: list[str]) -> str:
     identity = config.get("identity", {})
     settings = identity.get("settings", {})
     dataset = identity.get("dataset", {})
@@ -167,9 +189,9 @@ def markdown(config: dict[str, Any], rows: list[Row]) -> str:
             f"Sample reuse: {', '.join(reused)} ran once per problem at the largest budget and each smaller "
             "budget b is that algorithm's choice among the first b rollouts (`samples` column)."
         )
-    if len({r.problems for r in rows}) > 1:
-        lines.append("Rows cover different numbers of problems (an unfinished run): compare them with care.")
-    lines += ["", TOKEN_NOTE, ""]
+    for note in notes:
+        lines += ["", note]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -44,9 +44,11 @@ async def run_unit(unit: Unit, job: Job, lm: LanguageModel, judge: Any = None) -
         make_reward(job.reward, lm, judge, **reward_options(job.reward, unit.problem)) if search.uses_reward else None
     )
     settings = job.settings.replace(budget=unit.run_budget, seed=unit.seed)
-    if not unit.reuse:
+    if not unit.reuse:  # one run; several budgets only for an algorithm that ignores the budget
         result = await search.run(lm, unit.problem.problem, settings, reward=reward)
-        records = [_record(unit, unit.run_budget, result, result.particles, result.answer, result.text, result.usage)]
+        records = [
+            _record(unit, b, result, result.particles, result.answer, result.text, result.usage) for b in unit.budgets
+        ]
         return _stamped(records, started)
     metered = MeteredModel(lm)
     result = await search.run(metered, unit.problem.problem, settings, reward=reward)

@@ -391,7 +391,7 @@ class Search:
 
     Class attributes: `name` (as used by the CLI and the server); `uses_reward` (whether
     a reward is required); `score_each_step` (score every new step, else only at the end);
-    `reuses_samples` (see below).
+    `reuses_samples` and `uses_budget` (see below).
     Instance attribute `aggregation` turns step scores into one particle score.
     """
 
@@ -401,6 +401,9 @@ class Search:
     # N independent rollouts chosen by `pick`: an evaluation may run the largest budget
     # once and pick from its first b particles for every smaller budget b.
     reuses_samples: ClassVar[bool] = False
+    # The run is the same at every budget (greedy decoding): an evaluation runs it once
+    # and records it for every budget, at its real cost.
+    uses_budget: ClassVar[bool] = True
     # Keep the KV state of finished particles until the end of a sweep (a retained
     # reference trajectory is forked from it in the next sweep).
     keeps_finished_branches: ClassVar[bool] = False

@@ -28,6 +28,7 @@ class Greedy(Search):
     name = "greedy"
     uses_reward = False
     score_each_step = False
+    uses_budget = False
 
     def population_size(self, budget: int) -> int:
         return 1
