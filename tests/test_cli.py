@@ -53,6 +53,7 @@ def test_solve_json_prints_the_whole_result() -> None:
     done = itscale(
         "solve", "What is 2 + 3?", "--model", "smollm2-135m", "--algorithm", "particle-filter", "--budget", "2",
         "--max-steps", "2", "--max-tokens", "48", "--reference", "5", "--json", "--n-threads", str(THREADS),
+        "--reward", "llm-judge",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

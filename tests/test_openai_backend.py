@@ -39,6 +39,31 @@ async def test_greedy_search_through_a_real_server(llama_server: str) -> None:
     assert lm.name.endswith(".gguf")  # learned from /v1/models
 
 
+async def test_particle_filtering_with_the_default_reward_through_a_real_server(llama_server: str) -> None:
+    """The default reward reads the generator's token log-probabilities: the backend asks
+    the server for them, so no particle falls back to the fallback score."""
+    from itscale.rewards.registry import DEFAULT_REWARD, make_reward
+
+    lm = OpenAIModel(llama_server, chat_template="smollm2-135m")
+    try:
+        result = await make_algorithm("particle-filter").run(
+            lm,
+            PROBLEM,
+            budget=2,
+            seed=0,
+            max_steps=2,
+            max_tokens=60,
+            max_step_tokens=30,
+            reward=make_reward(DEFAULT_REWARD, lm),
+        )
+    finally:
+        await lm.close()
+    assert not result.diagnostics.get("reward_failures"), result.diagnostics
+    steps = [s for p in result.particles for s in p.steps if s.tokens]
+    assert steps and all(s.logprob is not None and s.logprob < 0 for s in steps)
+    assert all(p.score is not None and 0 < p.score <= 1 for p in result.particles)
+
+
 async def test_n_is_detected_as_unsupported_and_worked_around(llama_server: str) -> None:
     lm = OpenAIModel(llama_server, chat_template="chatml")
     try:

@@ -73,7 +73,11 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", help="chat template: chatml, a named model, a GGUF path or Jinja text")
     parser.add_argument("--n-ctx", type=int, default=16384, help="embedded engine: KV cells shared by all sequences")
     parser.add_argument("--n-threads", type=int, default=None, help="embedded engine: CPU threads")
-    parser.add_argument("--reward", default=None, help="reward name (see `itscale rewards`)")
+    from itscale.rewards.registry import DEFAULT_REWARD
+
+    parser.add_argument(
+        "--reward", default=None, help=f"reward spec (default {DEFAULT_REWARD!r}; see `itscale rewards`)"
+    )
     parser.add_argument(
         "--judge-model", default=None, help="embedded model for judge rewards when the generator is a server"
     )

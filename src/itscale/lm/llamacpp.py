@@ -70,6 +70,17 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
+def _settle(future: concurrent.futures.Future, result: object = None, error: BaseException | None = None) -> None:
+    """Resolves a caller's future, unless the caller cancelled it: a cancelled caller no
+    longer waits. The caller cancels from its own thread, so checking `done()` first would
+    race with it; the state check happens inside the future, under its lock."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
 class LlamaBranch(Branch):
     """A partial answer in the engine: its tokens, and where its KV cells live."""
 
@@ -401,7 +412,7 @@ class LlamaCppModel:
                 while True:
                     if item is _CLOSE:
                         for w in active:
-                            w.future.set_exception(ItscaleError("the engine was closed"))
+                            _settle(w.future, error=ItscaleError("the engine was closed"))
                         return
                     active.extend(item)
                     item = self._inbox.get_nowait()
@@ -414,8 +425,7 @@ class LlamaCppModel:
                 with self._lock:
                     for w in active:
                         w.branch.busy = w.branch.preparing = False
-                        if not w.future.done():
-                            w.future.set_exception(error)
+                        _settle(w.future, error=error)
                 active = []
 
     def _round(self, active: list[_Work]) -> list[_Work]:
@@ -542,8 +552,7 @@ class LlamaCppModel:
             b.unattributed += w.evaluated
         if b.released:
             self._release_locked(b)
-        if not w.future.done():  # a cancelled caller no longer waits for it
-            w.future.set_result(result)
+        _settle(w.future, result)
 
     def _allocate_slot(self, owner: LlamaBranch) -> int:
         if not self._free_slots:

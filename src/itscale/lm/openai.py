@@ -53,7 +53,12 @@ class RemoteBranch(Branch):
 
 
 class OpenAIModel:
-    """A language model behind an OpenAI-compatible HTTP server."""
+    """A language model behind an OpenAI-compatible HTTP server.
+
+    `logprobs` (default on) asks for the sampled tokens' log-probabilities: they give exact
+    token counts and feed the self-certainty reward, a factor of the default reward. A
+    server that ignores the field still works; that reward then says what is missing.
+    """
 
     def __init__(
         self,
@@ -67,7 +72,7 @@ class OpenAIModel:
         timeout: float = 120.0,
         retries: int = 4,
         backoff: float = 0.5,
-        logprobs: bool = False,
+        logprobs: bool = True,
     ):
         if mode not in ("completions", "chat"):
             raise UsageError(f"unknown mode {mode!r}: use 'completions' or 'chat'")

@@ -81,7 +81,8 @@ def _scored_steps(request: ScoreRequest, field: str) -> Sequence[Step]:
     if not records or any(_lacks(s, field) for s in records):
         what = "token log-probabilities" if field == "logprob" else "next-token distributions (KL from uniform)"
         how = (
-            "generate with the embedded engine, or with OpenAIModel(..., logprobs=True) on a server that returns them"
+            "generate with the embedded engine, or on a server that returns token log-probabilities "
+            "(OpenAIModel asks for them unless logprobs=False)"
             if field == "logprob"
             else "generate with the embedded engine (servers return no full distributions; use variant=mean-logprob)"
         )
