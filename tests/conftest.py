@@ -42,6 +42,20 @@ def smol():
     model.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def shared_engines_are_given_back(request):
+    """Every test that uses a session engine must release every branch it made: a leaked
+    branch holds KV cells and would make later tests (and long runs) fail far from the
+    cause. Checked after each such test, so the failure names the test that leaked."""
+    yield
+    for name in ("smol", "qwen"):
+        if name in request.fixturenames:
+            engine = request.getfixturevalue(name)
+            assert engine.cached_branches == 0, (
+                f"{request.node.nodeid} left {engine.cached_branches} branches on {name}"
+            )
+
+
 @pytest.fixture(scope="session")
 def qwen():
     from itscale.lm.llamacpp import LlamaCppModel

@@ -214,5 +214,9 @@ async def test_a_cancelled_caller_does_not_disturb_the_others(smol: LlamaCppMode
     assert outs[0].tokens > 0
     smol.release(doomed)
     smol.release(other)
-    await smol.extend([smol.fork(await smol.start(PROBLEM))], StepSettings(max_step_tokens=1), [0])
+    fresh_root = await smol.start(PROBLEM)
+    fresh = smol.fork(fresh_root)
+    smol.release(fresh_root)
+    await smol.extend([fresh], StepSettings(max_step_tokens=1), [0])
     assert smol.cached_branches == 1, smol._slot_owner  # only the branch just made holds cells
+    smol.release(fresh)

@@ -214,7 +214,7 @@ def test_itscale_rewards_command_lists_rewards(capsys):
     out = capsys.readouterr().out
     for name in REWARDS:
         assert name in out
-    assert "arithmetic * llm-judge" in out and "(default)" in out
+    assert "arithmetic * llm-judge" in out and f"default: {DEFAULT_REWARD}" in out
 
 
 async def test_cached_reward_scores_each_content_once():
