@@ -12,6 +12,7 @@ from itscale.lm.llamacpp import LlamaCppModel
 from itscale.lm.openai import OpenAIModel
 from itscale.rewards.base import ProductReward, Reward, ScoreRequest, Scores
 from itscale.rewards.judge import LLMJudge
+from itscale.rewards.registry import DEFAULT_REWARD, make_reward
 from itscale.search import ALGORITHMS, make_algorithm
 from itscale.search.core import Search, SearchSettings
 from itscale.search.particle_filter import ParticleFilter
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_REWARD",
     "BackendError",
     "BestOfN",
     "Greedy",
@@ -54,6 +56,7 @@ __all__ = [
     "extract_answer",
     "is_equivalent",
     "make_algorithm",
+    "make_reward",
     "open_model",
     "solve",
 ]
