@@ -229,7 +229,15 @@ def test_a_larger_grid_adds_only_what_is_missing(finished, capsys):
 
 def eval_process(out: Path, limit: int = 3) -> subprocess.Popen:
     command = [sys.executable, "-m", "itscale.cli", *eval_command(out, "greedy,self-consistency", limit)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a shell without job control (`make test &`, some CI runners)
+    # starts children with SIGINT ignored, and Python then installs no KeyboardInterrupt.
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for_lines(path: Path, n: int, process: subprocess.Popen, timeout: float = 120) -> None:
