@@ -140,12 +140,10 @@ class Plan:
                     missing = tuple(b for b in self.budgets if (problem.id, algorithm, b, seed) not in done)
                     if not missing:
                         continue
-                    if search.reuses_samples:
-                        run = Unit(problem, algorithm, seed, max(missing), missing, True)
-                        units.append(((seed, index, run.run_budget, order), run))
-                    elif not search.uses_budget:
-                        run = Unit(problem, algorithm, seed, min(missing), missing, False)
-                        units.append(((seed, index, run.run_budget, order), run))
+                    if search.reuses_samples or not search.uses_budget:  # one run for every missing budget
+                        run_budget = max(missing) if search.reuses_samples else min(missing)
+                        run = Unit(problem, algorithm, seed, run_budget, missing, search.reuses_samples)
+                        units.append(((seed, index, run_budget, order), run))
                     else:
                         units += [
                             ((seed, index, b, order), Unit(problem, algorithm, seed, b, (b,), False)) for b in missing

@@ -56,11 +56,17 @@ def bootstrap_interval(scores: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, see
     return float(low), float(high)
 
 
-def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]:
-    """Rows in the configuration's algorithm order, budgets ascending."""
+def cells_of(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Records grouped by (algorithm, budget): one cell per row of the report."""
     cells: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         cells[(r["algorithm"], int(r["budget"]))].append(r)
+    return cells
+
+
+def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]:
+    """Rows in the configuration's algorithm order, budgets ascending."""
+    cells = cells_of(records)
     order = {a: i for i, a in enumerate(algorithms)}
     rows = []
     for (algorithm, budget), group in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 1e9), kv[0])):
@@ -94,10 +100,8 @@ def complete_problems(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any
     """The records of the problems every (algorithm, budget) cell has, and how many records
     of other problems were left out: rows of an unfinished run then compare the same
     problems (a run goes problem by problem, so that is its first k problems)."""
-    cells: dict[tuple[str, int], set[str]] = defaultdict(set)
-    for r in records:
-        cells[(r["algorithm"], int(r["budget"]))].add(r["problem"])
-    common = set.intersection(*cells.values()) if cells else set()
+    problems = [{r["problem"] for r in cell} for cell in cells_of(records).values()]
+    common = set.intersection(*problems) if problems else set()
     kept = [r for r in records if r["problem"] in common]
     return kept, len(records) - len(kept)
 
