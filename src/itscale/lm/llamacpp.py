@@ -38,6 +38,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,7 +215,21 @@ class LlamaCppModel:
         self._clock = itertools.count(1)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
-        self.stats = {"decode_calls": 0, "evaluated_tokens": 0, "generated_tokens": 0, "kv_copies": 0, "evictions": 0}
+        # Counters for benchmarks and tests. A round is one pass of the engine thread over
+        # its ready work; the *_seconds are the thread's busy time (llama_decode, sampling,
+        # detokenising), split by whether the round generated tokens or only evaluated
+        # (prompts, fork prefixes, reward scoring), so callers can compare their wall time
+        # with the engine's own time for the same batches.
+        self.stats = {
+            "decode_calls": 0,
+            "evaluated_tokens": 0,
+            "generated_tokens": 0,
+            "kv_copies": 0,
+            "evictions": 0,
+            "generating_rounds": 0,
+            "generating_seconds": 0.0,
+            "evaluating_seconds": 0.0,
+        }
         self._thread = threading.Thread(target=self._run, name="itscale-llamacpp", daemon=True)
         self._thread.start()
 
@@ -439,7 +454,13 @@ class LlamaCppModel:
             self._apply_pending_ops()
             active = active + self._materialise(active)
             ready = [w for w in active if w.ready and w.todo]
+        started = time.perf_counter()
         self._decode(ready)
+        if any(isinstance(w, _Generate) for w in ready):
+            self.stats["generating_rounds"] += 1
+            self.stats["generating_seconds"] += time.perf_counter() - started
+        elif ready:
+            self.stats["evaluating_seconds"] += time.perf_counter() - started
         # Cancelled work stays listed until the next round frees its branch.
         return [w for w in active if not w.future.done() or w.future.cancelled()]
 
