@@ -55,6 +55,35 @@ async def test_prompt_is_evaluated_once_and_shared(smol: LlamaCppModel) -> None:
         smol.release(b)
 
 
+async def test_steps_to_the_end_are_the_steps_one_at_a_time_without_waiting(smol: LlamaCppModel) -> None:
+    settings = StepSettings(temperature=0.8, max_step_tokens=12, delimiter="\n")
+    seeds = [[11 * i + k for k in range(6)] for i in range(3)]
+    root = await smol.start(PROBLEM)
+    stepped, together = [smol.fork(root) for _ in range(3)], [smol.fork(root) for _ in range(3)]
+    smol.release(root)
+    one_at_a_time = []
+    for i, branch in enumerate(stepped):
+        outs, left = [], 40
+        for seed in seeds[i]:
+            out = (await smol.extend([branch], settings, [seed], [left]))[0]
+            outs.append(out)
+            left -= out.tokens
+            if out.end == "eos" or left <= 0 or "=" in out.text:
+                break
+        one_at_a_time.append(outs)
+    before = dict(smol.stats)
+    to_end = await smol.extend_to_end(together, settings, seeds, [40] * 3, stop=lambda text: "=" in text)
+    assert [[o.text for o in outs] for outs in to_end] == [[o.text for o in outs] for outs in one_at_a_time]
+    assert [[o.end for o in outs] for outs in to_end] == [[o.end for o in outs] for outs in one_at_a_time]
+    assert [b.steps for b in together] == [b.steps for b in stepped]
+    # No branch waited at a step boundary: one round per token of the longest branch.
+    totals = [sum(o.tokens for o in outs) for outs in to_end]
+    assert smol.stats["generating_rounds"] - before["generating_rounds"] == max(totals)
+    assert all(total <= 40 for total in totals) and max(len(outs) for outs in to_end) > 1
+    for b in [*stepped, *together]:
+        smol.release(b)
+
+
 async def test_forks_share_the_parent_cache_instead_of_re_evaluating(smol: LlamaCppModel) -> None:
     root = await smol.start(PROBLEM)
     parent = smol.fork(root)

@@ -13,7 +13,8 @@ at budget b would have cost, not the big run's. Usage at budget b:
   this sums to the run's prompt tokens exactly;
 - reward tokens: the run's reward tokens in proportion to the scored steps of the first b
   particles (each scored step is one reward request of the same shape);
-- generation calls: one batched call per step, so the most steps among the first b;
+- generation calls: one batched call per step in lockstep, so the most steps among the first
+  b, or the run's single call when its rollouts ran independently (`Run.rollout`);
 - wall time (`seconds`, `lm_seconds`, `reward_seconds`): the run's, in proportion to the
   tokens above. An estimate, marked `seconds_estimated` in the record: batched decoding makes
   a small run cheaper per token than this says, never dearer.
@@ -24,11 +25,12 @@ remembers which fork of the prompt each particle got (forks are made in particle
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from itscale.lm.base import Branch, LanguageModel, StepOutput, StepSettings
+from itscale.search.core import extend_to_end
 from itscale.types import Particle, Prompt, Result, Usage
 
 
@@ -81,13 +83,30 @@ class MeteredModel:
     ) -> list[StepOutput]:
         outputs = await self.inner.extend(branches, settings, seeds, max_new_tokens)
         for branch, out in zip(branches, outputs, strict=True):
-            entry = self.meters.get(id(branch))
-            if entry is not None and entry[0] is branch:
-                meter = entry[1]
-                if meter.first is None:
-                    meter.first = out.prompt_tokens
-                meter.total += out.prompt_tokens
+            self._charge(branch, out)
         return outputs
+
+    async def extend_to_end(
+        self,
+        branches: Sequence[Branch],
+        settings: StepSettings,
+        seeds: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        stop: Callable[[str], bool],
+    ) -> list[list[StepOutput]]:
+        outputs = await extend_to_end(self.inner, branches, settings, seeds, max_new_tokens, stop)
+        for branch, outs in zip(branches, outputs, strict=True):
+            for out in outs:
+                self._charge(branch, out)
+        return outputs
+
+    def _charge(self, branch: Branch, out: StepOutput) -> None:
+        entry = self.meters.get(id(branch))
+        if entry is not None and entry[0] is branch:
+            meter = entry[1]
+            if meter.first is None:
+                meter.first = out.prompt_tokens
+            meter.total += out.prompt_tokens
 
     async def close(self) -> None:
         await self.inner.close()
@@ -126,7 +145,8 @@ def subset_usage(result: Result, b: int, shared_prompt: int, own_prompt: list[in
         prompt_tokens=shared_prompt + sum(own_prompt[:b]),
         completion_tokens=sum(p.tokens for p in first),
         reward_tokens=round(total.reward_tokens * scored_share),
-        lm_calls=max((len(p.steps) for p in first), default=0),
+        # One call per step in lockstep, one for the whole run in independent rollouts.
+        lm_calls=min(total.lm_calls, max((len(p.steps) for p in first), default=0)),
         reward_calls=total.reward_calls,
     )
     if hasattr(total, "scored_steps"):  # newer Usage counts the reward's scored steps

@@ -39,7 +39,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +124,13 @@ class _Generate(_Work):
     settings: StepSettings = field(default_factory=StepSettings)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     cap: int = 0
+    # Several steps in one work (`extend_to_end`): the seeds of the steps still to come,
+    # the tokens the branch may still generate, the test that a step ended the answer,
+    # and the finished steps. `steps` is None for a single step (`extend`).
+    next_seeds: list[int] = field(default_factory=list)
+    allowance: int = 0
+    stop: Callable[[str], bool] | None = None
+    steps: list[StepOutput] | None = None
     new_tokens: int = 0
     step_bytes: bytearray = field(default_factory=bytearray)
     logprob: float = 0.0
@@ -364,6 +371,41 @@ class LlamaCppModel:
             works.append(_Generate(branch, settings=settings, rng=np.random.default_rng(seeds[i]), cap=max(1, cap)))
         return await self._submit(works)
 
+    async def extend_to_end(
+        self,
+        branches: Sequence[Branch],
+        settings: StepSettings,
+        seeds: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        stop: Callable[[str], bool],
+    ) -> list[list[StepOutput]]:
+        """Extends each branch step after step, in this engine's thread, until the model
+        ends its answer, `stop(step text)` is true, its `max_new_tokens[i]` are spent or
+        its `seeds[i]` (one per step) run out. A branch that ends a step starts its next
+        one in the following round, whatever the other branches are doing, so no branch
+        waits for another's step and the batch composition never depends on timing."""
+        works = []
+        for i, b in enumerate(branches):
+            branch = self._own(b)
+            if branch.finished:
+                raise ItscaleError("internal error: a finished branch cannot be extended")
+            if not seeds[i]:
+                raise ItscaleError("internal error: extend_to_end needs a seed for each step")
+            allowance = max(1, max_new_tokens[i])
+            works.append(
+                _Generate(
+                    branch,
+                    settings=settings,
+                    rng=np.random.default_rng(seeds[i][0]),
+                    cap=min(settings.step_token_cap, allowance),
+                    next_seeds=list(seeds[i][1:]),
+                    allowance=allowance,
+                    stop=stop,
+                    steps=[],
+                )
+            )
+        return await self._submit(works)
+
     async def next_token_logprobs(
         self, branches: Sequence[Branch], suffixes: Sequence[list[int]], candidates: list[int]
     ) -> list[tuple[list[float], int]]:
@@ -454,13 +496,13 @@ class LlamaCppModel:
             self._apply_pending_ops()
             active = active + self._materialise(active)
             ready = [w for w in active if w.ready and w.todo]
+        # Counted before decoding: a caller woken by this round's results sees it counted.
+        generating = any(isinstance(w, _Generate) for w in ready)
+        self.stats["generating_rounds"] += generating
         started = time.perf_counter()
         self._decode(ready)
-        if any(isinstance(w, _Generate) for w in ready):
-            self.stats["generating_rounds"] += 1
-            self.stats["generating_seconds"] += time.perf_counter() - started
-        elif ready:
-            self.stats["evaluating_seconds"] += time.perf_counter() - started
+        if ready:
+            self.stats["generating_seconds" if generating else "evaluating_seconds"] += time.perf_counter() - started
         # Cancelled work stays listed until the next round frees its branch.
         return [w for w in active if not w.future.done() or w.future.cancelled()]
 
@@ -690,17 +732,27 @@ class LlamaCppModel:
         b.steps.append(text)
         b.step_ends.append(len(b.tokens))
         n = w.new_tokens
-        self._finish(
-            w,
-            StepOutput(
-                text=text,
-                tokens=n + (1 if end == "eos" else 0),
-                end=end,
-                prompt_tokens=w.evaluated,
-                logprob=w.logprob if n else None,
-                self_certainty=w.certainty / n if n else None,
-            ),
+        output = StepOutput(
+            text=text,
+            tokens=n + (1 if end == "eos" else 0),
+            end=end,
+            prompt_tokens=w.evaluated,
+            logprob=w.logprob if n else None,
+            self_certainty=w.certainty / n if n else None,
         )
+        if w.steps is None:
+            self._finish(w, output)
+            return
+        w.steps.append(output)
+        w.allowance -= output.tokens
+        if end in ("eos", "length") or w.allowance <= 0 or not w.next_seeds or w.stop(text):
+            self._finish(w, w.steps)
+            return
+        # The next step, in the same work: its pending first token is this step's last.
+        w.rng = np.random.default_rng(w.next_seeds.pop(0))
+        w.cap = min(s.step_token_cap, w.allowance)
+        w.new_tokens, w.step_bytes, w.logprob, w.certainty, w.evaluated = 0, bytearray(), 0.0, 0.0, 0
+        w.todo = [token]
 
 
 def _incomplete_utf8(data: bytearray) -> bool:

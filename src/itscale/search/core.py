@@ -8,6 +8,9 @@
 An algorithm is a `Search` subclass that sets a few class attributes and overrides
 `select` (after every step) and `choose` (at the end); algorithms with several sweeps
 (particle Gibbs, parallel tempering) override `search` and call the loop more than once.
+Algorithms whose particles never meet before the end (self-consistency, best-of-N, ...)
+declare `independent_rollouts`: their loop is one call that runs every particle to its end
+(`Run.rollout`), the same steps without waiting at step boundaries for the slowest particle.
 
 Semantics that matter (the anchors got these wrong):
 - a finished particle (end of turn, a complete \\boxed{} answer, its token cap, or the step
@@ -20,6 +23,7 @@ Semantics that matter (the anchors got these wrong):
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import time
@@ -31,7 +35,7 @@ import numpy as np
 
 from itscale.answers import has_boxed_answer, is_equivalent, majority
 from itscale.errors import UsageError
-from itscale.lm.base import DEFAULT_DELIMITER, LanguageModel, StepSettings
+from itscale.lm.base import DEFAULT_DELIMITER, LanguageModel, StepOutput, StepSettings
 from itscale.lm.chat import MATH_SYSTEM_PROMPT
 from itscale.rewards.base import AGGREGATIONS, Reward, RewardGuard, ScoreRequest, aggregate
 from itscale.types import Particle, Prompt, Resampling, Result, Step, Stopwatch, Usage
@@ -236,15 +240,52 @@ class Run:
             outputs = await self.lm.extend([p.branch for p in live], settings, seeds, remaining)
         self.usage.lm_calls += 1
         for p, out in zip(live, outputs, strict=True):
-            p.steps.append(Step(out.text, out.tokens, out.end, out.logprob, out.self_certainty))
-            self.usage.prompt_tokens += out.prompt_tokens
-            self.usage.completion_tokens += out.tokens
-            if out.end == "eos":
-                self.finish(p, "eos")
-            elif has_boxed_answer(out.text):
-                self.finish(p, "answer")
-            elif out.end == "length" or p.tokens >= settings.max_tokens:
-                self.finish(p, "length")
+            self._record(p, out, settings)
+
+    async def rollout(self, particles: Sequence[Particle]) -> None:
+        """Every given live particle step after step to its end, none waiting for another:
+        for algorithms that select nothing between steps. The steps, their seeds and the
+        ends are those `extend` would give step by step in lockstep; what changes is the
+        batching: a particle that ends a step goes straight on with its next one instead
+        of waiting for the slowest particle's step (one backend call for the whole run)."""
+        live = [p for p in particles if not p.finished and p.replay is None]
+        if not live:
+            return
+        allowance = self.token_allowance(len(live))
+        if allowance == 0:
+            self.budget_limited = True
+            return
+        settings, first = self.step_settings, self.step
+        steps = self.settings.max_steps - first
+        seeds = [[derive_seed(self.settings.seed, self.sweep, first + k, p.id) for k in range(steps)] for p in live]
+        remaining = [max(1, settings.max_tokens - p.tokens) for p in live]
+        if allowance is not None:
+            remaining = [min(r, allowance) for r in remaining]
+        with Stopwatch(self.usage, "lm_seconds"):
+            outputs = await extend_to_end(self.lm, [p.branch for p in live], settings, seeds, remaining)
+        self.usage.lm_calls += 1
+        for p, outs in zip(live, outputs, strict=True):
+            for out in outs:
+                self._record(p, out, settings)
+            if not p.finished:
+                if len(outs) == steps:
+                    self.finish(p, "max_steps")
+                else:  # stopped by its share of the token budget
+                    self.budget_limited = True
+        self.step = first + max(len(outs) for outs in outputs)
+
+    def _record(self, p: Particle, out: StepOutput, settings: StepSettings) -> None:
+        """Appends a generated step to its particle, counts it, and ends the particle if
+        the step ended its answer."""
+        p.steps.append(Step(out.text, out.tokens, out.end, out.logprob, out.self_certainty))
+        self.usage.prompt_tokens += out.prompt_tokens
+        self.usage.completion_tokens += out.tokens
+        if out.end == "eos":
+            self.finish(p, "eos")
+        elif has_boxed_answer(out.text):
+            self.finish(p, "answer")
+        elif out.end == "length" or p.tokens >= settings.max_tokens:
+            self.finish(p, "length")
 
     def _replay_step(self, p: Particle) -> None:
         """Appends the next step of the particle's retained trajectory (generated and scored
@@ -294,8 +335,15 @@ class Run:
 
     async def loop(self) -> None:
         """Propose, score, select until every particle has finished, the step cap is
-        reached or the token budget is spent."""
-        await lockstep([self])
+        reached or the token budget is spent. Independent rollouts (an algorithm that
+        selects nothing between steps) need no common step boundary: each particle runs
+        to its end on its own."""
+        if self.algorithm.independent_rollouts:
+            await self.rollout(self.particles)
+            if self.observer is not None:
+                self.observer(self)
+        else:
+            await lockstep([self])
 
     # ---------------------------------------------------------------- result
 
@@ -345,6 +393,37 @@ async def score_together(work: Sequence[tuple[Run, Sequence[Particle]]], all_ste
         particle.steps[k - 1].score = value
     for run, _, particle, _ in wanted:
         particle.score = aggregate(particle.step_scores(), run.algorithm.aggregation)
+
+
+async def extend_to_end(
+    lm: LanguageModel,
+    branches: Sequence[Any],
+    settings: StepSettings,
+    seeds: Sequence[Sequence[int]],
+    max_new_tokens: Sequence[int],
+    stop: Callable[[str], bool] = has_boxed_answer,
+) -> list[list[StepOutput]]:
+    """Extends each branch step after step (step k seeded by `seeds[i][k]`) until the model
+    ends its answer, `stop(step text)` holds (by default: the step has a complete \\boxed{}
+    answer), its `max_new_tokens[i]` are spent or its seeds run out. A backend with an
+    `extend_to_end` of its own does this inside its batching (the embedded engine: in its
+    thread, so batch composition never depends on timing); for any other, each branch's
+    steps are requested one after another, the branches concurrently."""
+    native = getattr(lm, "extend_to_end", None)
+    if native is not None:
+        return await native(branches, settings, seeds, max_new_tokens, stop)
+
+    async def one(branch: Any, step_seeds: Sequence[int], allowance: int) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        for seed in step_seeds:
+            out = (await lm.extend([branch], settings, [seed], [allowance]))[0]
+            outputs.append(out)
+            allowance -= out.tokens
+            if out.end in ("eos", "length") or allowance <= 0 or stop(out.text):
+                break
+        return outputs
+
+    return list(await asyncio.gather(*(one(*args) for args in zip(branches, seeds, max_new_tokens, strict=True))))
 
 
 async def lockstep(runs: Sequence[Run]) -> None:
@@ -404,6 +483,9 @@ class Search:
     # The run is the same at every budget (greedy decoding): an evaluation runs it once
     # and records it for every budget, at its real cost.
     uses_budget: ClassVar[bool] = True
+    # Particles never interact before the end (no selection, no per-step scores): each
+    # runs to its end without waiting at step boundaries for the others (`Run.rollout`).
+    independent_rollouts: ClassVar[bool] = False
     # Keep the KV state of finished particles until the end of a sweep (a retained
     # reference trajectory is forked from it in the next sweep).
     keeps_finished_branches: ClassVar[bool] = False

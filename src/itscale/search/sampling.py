@@ -26,6 +26,7 @@ from itscale.types import Particle, Result
 
 class Greedy(Search):
     name = "greedy"
+    independent_rollouts = True
     uses_reward = False
     score_each_step = False
     uses_budget = False
@@ -45,6 +46,7 @@ class Greedy(Search):
 
 class SelfConsistency(Search):
     name = "self-consistency"
+    independent_rollouts = True
     uses_reward = False
     score_each_step = False
     reuses_samples = True
@@ -58,12 +60,14 @@ class SelfConsistency(Search):
 
 class BestOfN(Search):
     name = "best-of-n"
+    independent_rollouts = True
     score_each_step = False
     reuses_samples = True
 
 
 class WeightedBestOfN(Search):
     name = "weighted-best-of-n"
+    independent_rollouts = True
     score_each_step = False
     reuses_samples = True
 
@@ -78,6 +82,7 @@ class BestOfMajority(Search):
     against a reward that favours a rare wrong answer; the reward breaks ties in the vote."""
 
     name = "best-of-majority"
+    independent_rollouts = True
     score_each_step = False
     reuses_samples = True
 
@@ -114,6 +119,7 @@ class AdaptiveSelfConsistency(Search):
     budget is spent. The result reports the samples used and saved."""
 
     name = "adaptive-self-consistency"
+    independent_rollouts = True
     uses_reward = False
     score_each_step = False
 
