@@ -19,7 +19,7 @@ from itscale.search.core import SearchSettings
 from itscale.search.gibbs import ParallelTempering
 from itscale.search.particle_filter import annealing_temperature
 from itscale.search.resampling import SCHEMES, effective_sample_size, normalise_log_weights, resample
-from itscale.search.sampling import BestOfMajority, majority_confidence
+from itscale.search.sampling import BestOfMajority, SelfConsistency, majority_confidence
 from itscale.types import FINISHING, Particle, Step
 from toy import STOP, TRANS, G, MarkovLM, PotentialReward, exact_posterior, total_variation
 
@@ -281,6 +281,30 @@ async def test_all_weights_minus_infinity_resample_uniformly_and_say_so(lm) -> N
     assert "uniformly" in result.diagnostics["degenerate_note"]
     assert result.weights == pytest.approx([0.25] * 4)
     assert result.diagnostics["log_evidence"] == -math.inf
+
+
+# ---------------------------------------------------------------- independent rollouts
+
+
+async def test_independent_rollouts_are_the_lockstep_samples_and_exact_draws(lm) -> None:
+    class LockstepSelfConsistency(SelfConsistency):
+        independent_rollouts = False
+
+    rolled = await make_algorithm("self-consistency").run(lm, "toy", settings(budget=64, seed=3))
+    stepped = await LockstepSelfConsistency().run(MarkovLM(TRANS, STOP), "toy", settings(budget=64, seed=3))
+    # The same steps from the same per-step seeds, without step boundaries: identical samples.
+    assert [p.text for p in rolled.particles] == [p.text for p in stepped.particles]
+    assert [p.end for p in rolled.particles] == [p.end for p in stepped.particles]
+    assert rolled.usage.completion_tokens == stepped.usage.completion_tokens
+    assert rolled.usage.lm_calls == 1 < stepped.usage.lm_calls
+    # And they are draws from the chain: compare with its exact trajectory distribution.
+    draws = []
+    for seed in range(40):
+        result = await make_algorithm("self-consistency").run(lm, "toy", settings(budget=250, seed=seed))
+        draws += [p.text for p in result.particles]
+    empirical = {t: draws.count(t) / len(draws) for t in set(draws)}
+    # 10,000 draws over 30 trajectories: the expected TV of an exact sampler is about 0.02.
+    assert total_variation(empirical, lm.trajectories(T)) < 0.04
 
 
 # ---------------------------------------------------------------- budgets and answer rules

@@ -14,7 +14,7 @@ Forks are lazy and cheap to ask for: `fork` is synchronous, and the backend does
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -110,3 +110,23 @@ class LanguageModel(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ExtendsToEnd(Protocol):
+    """An optional backend capability: extend branches step after step to their ends in one
+    call, each branch starting its next step as soon as its last one ends (see
+    `itscale.search.core.extend_to_end`, which falls back to `extend` without it)."""
+
+    async def extend_to_end(
+        self,
+        branches: Sequence[Branch],
+        settings: StepSettings,
+        seeds: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        stop: Callable[[str], bool],
+    ) -> list[list[StepOutput]]:
+        """Per branch, its new steps: step k seeded by `seeds[i][k]`; it stops after a step
+        that ends the answer (end of turn, "length"), that `stop(text)` accepts, that spends
+        `max_new_tokens[i]`, or the last seed's step."""
+        ...

@@ -35,7 +35,7 @@ import numpy as np
 
 from itscale.answers import has_boxed_answer, is_equivalent, majority
 from itscale.errors import UsageError
-from itscale.lm.base import DEFAULT_DELIMITER, LanguageModel, StepOutput, StepSettings
+from itscale.lm.base import DEFAULT_DELIMITER, ExtendsToEnd, LanguageModel, StepOutput, StepSettings
 from itscale.lm.chat import MATH_SYSTEM_PROMPT
 from itscale.rewards.base import AGGREGATIONS, Reward, RewardGuard, ScoreRequest, aggregate
 from itscale.types import Particle, Prompt, Resampling, Result, Step, Stopwatch, Usage
@@ -409,9 +409,8 @@ async def extend_to_end(
     `extend_to_end` of its own does this inside its batching (the embedded engine: in its
     thread, so batch composition never depends on timing); for any other, each branch's
     steps are requested one after another, the branches concurrently."""
-    native = getattr(lm, "extend_to_end", None)
-    if native is not None:
-        return await native(branches, settings, seeds, max_new_tokens, stop)
+    if isinstance(lm, ExtendsToEnd):
+        return await lm.extend_to_end(branches, settings, seeds, max_new_tokens, stop)
 
     async def one(branch: Any, step_seeds: Sequence[int], allowance: int) -> list[StepOutput]:
         outputs: list[StepOutput] = []
