@@ -1,6 +1,7 @@
 """Engine benchmark: batched decoding, KV forks, and particle filtering's overhead.
 
     .venv/bin/python benchmarks/engine.py [--model qwen2.5-coder-0.5b] [--threads 2] [--problems 5]
+        [--tables throughput,fork,particle-filter]
 
 Prints three tables (Markdown):
 1. tokens/s for 1, 4, 8, 16 sequences decoded together versus the same sequences decoded
@@ -175,26 +176,40 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=48, help="tokens per sequence in the throughput table")
     parser.add_argument("--problems", type=int, default=5)
     parser.add_argument("--budget", type=int, default=8)
+    parser.add_argument(
+        "--tables", default="throughput,fork,particle-filter", help="which tables to measure (comma-separated)"
+    )
     args = parser.parse_args()
+    tables = set(args.tables.split(","))
+    if unknown := tables - {"throughput", "fork", "particle-filter"}:
+        parser.error(f"unknown table(s) {', '.join(sorted(unknown))}: use throughput, fork, particle-filter")
     engine = LlamaCppModel(args.model, n_threads=args.threads, n_ctx=16384)
 
-    print(f"## Batched decoding ({args.model}, {args.threads} threads, {args.tokens} tokens per sequence)\n")
-    print("| sequences | together tok/s | one after another tok/s | speed-up |")
-    print("| --- | --- | --- | --- |")
-    for n, together, alone in await decode_throughput(engine, args.tokens):
-        print(f"| {n} | {together:.1f} | {alone:.1f} | {together / alone:.2f}x |")
+    if "throughput" in tables:
+        print(f"## Batched decoding ({args.model}, {args.threads} threads, {args.tokens} tokens per sequence)\n")
+        print("| sequences | together tok/s | one after another tok/s | speed-up |")
+        print("| --- | --- | --- | --- |")
+        for n, together, alone in await decode_throughput(engine, args.tokens):
+            print(f"| {n} | {together:.1f} | {alone:.1f} | {together / alone:.2f}x |")
 
-    length, fork, evaluate, copy = await fork_versus_evaluate(engine)
-    print(f"\n## Fork versus re-evaluation of a {length}-token prefix\n")
-    print("| operation | seconds |")
-    print("| --- | --- |")
-    print(f"| fork (KV copy, then one token decoded) | {fork:.4f} |")
-    print(f"| llama_memory_seq_cp alone | {copy:.6f} |")
-    print(f"| re-evaluate the prefix, then one token decoded | {evaluate:.3f} |")
-    print(f"| speed-up | {evaluate / fork:.0f}x |")
+    if "fork" in tables:
+        length, fork, evaluate, copy = await fork_versus_evaluate(engine)
+        print(f"\n## Fork versus re-evaluation of a {length}-token prefix\n")
+        print("| operation | seconds |")
+        print("| --- | --- |")
+        print(f"| fork (KV copy, then one token decoded) | {fork:.4f} |")
+        print(f"| llama_memory_seq_cp alone | {copy:.6f} |")
+        print(f"| re-evaluate the prefix, then one token decoded | {evaluate:.3f} |")
+        print(f"| speed-up | {evaluate / fork:.0f}x |")
 
-    rows = await particle_filter_overhead(engine, load_problems(args.problems), args.budget)
-    print(f"\n## Particle filtering, {args.budget} particles, first {args.problems} GSM8K test problems\n")
+    if "particle-filter" in tables:
+        await print_particle_filter_table(engine, args.problems, args.budget)
+    engine.shutdown()
+
+
+async def print_particle_filter_table(engine: LlamaCppModel, problems: int, budget: int) -> None:
+    rows = await particle_filter_overhead(engine, load_problems(problems), budget)
+    print(f"\n## Particle filtering, {budget} particles, first {problems} GSM8K test problems\n")
     print(
         "| problem | tokens | wall s | reward s | engine s | mean batch | bare s "
         "| (wall - reward) / engine | (wall - reward) / bare | answer | reference |"
@@ -210,7 +225,6 @@ async def main() -> None:
             f"{batch:.1f} | {r['bare']:.1f} | {net / r['engine']:.2f} | {net / r['bare']:.2f} | "
             f"{r['answer']} | {r['reference']} |"
         )
-    engine.shutdown()
 
 
 if __name__ == "__main__":
