@@ -125,10 +125,10 @@ async def particle_filter_overhead(engine: LlamaCppModel, problems: list[dict], 
         start = time.perf_counter()
         branches = await fresh_branches(engine, prompt, budget)
         prompt_seconds = time.perf_counter() - start
-        settings = StepSettings(
+        equal_lengths = StepSettings(
             delimiter=per_sequence, max_step_tokens=per_sequence, max_tokens=10_000, temperature=0.8
         )
-        outs = await engine.extend(branches, settings, list(range(budget)))
+        outs = await engine.extend(branches, equal_lengths, list(range(budget)))
         bare = time.perf_counter() - start
         for b in branches:
             engine.release(b)
