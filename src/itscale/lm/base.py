@@ -130,3 +130,10 @@ class ExtendsToEnd(Protocol):
         that ends the answer (end of turn, "length"), that `stop(text)` accepts, that spends
         `max_new_tokens[i]`, or the last seed's step."""
         ...
+
+
+def ends_rollout(out: StepOutput, tokens_left: int, stop: Callable[[str], bool]) -> bool:
+    """Whether a branch extended to its end stops after the step `out` (besides running out
+    of step seeds): the model ended its answer, its tokens are spent, or `stop` accepts the
+    step's text. Every `extend_to_end` applies this same rule."""
+    return out.end in ("eos", "length") or tokens_left <= 0 or stop(out.text)

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from itscale.errors import ItscaleError, UsageError
-from itscale.lm.base import Branch, StepOutput, StepSettings
+from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout
 from itscale.lm.chat import CHATML, ChatTemplate
 from itscale.lm.models import DEFAULT_MODEL, MODELS, model_path
 from itscale.lm.sampling import candidate_logprobs, sample_token
@@ -364,9 +364,7 @@ class LlamaCppModel:
     ) -> list[StepOutput]:
         works = []
         for i, b in enumerate(branches):
-            branch = self._own(b)
-            if branch.finished:
-                raise ItscaleError("internal error: a finished branch cannot be extended")
+            branch = self._extendable(b)
             cap = settings.step_token_cap if max_new_tokens is None else min(settings.step_token_cap, max_new_tokens[i])
             works.append(_Generate(branch, settings=settings, rng=np.random.default_rng(seeds[i]), cap=max(1, cap)))
         return await self._submit(works)
@@ -386,9 +384,7 @@ class LlamaCppModel:
         waits for another's step and the batch composition never depends on timing."""
         works = []
         for i, b in enumerate(branches):
-            branch = self._own(b)
-            if branch.finished:
-                raise ItscaleError("internal error: a finished branch cannot be extended")
+            branch = self._extendable(b)
             if not seeds[i]:
                 raise ItscaleError("internal error: extend_to_end needs a seed for each step")
             allowance = max(1, max_new_tokens[i])
@@ -450,6 +446,12 @@ class LlamaCppModel:
         if not isinstance(branch, LlamaBranch) or branch.owner is not self:
             raise ItscaleError("internal error: a branch from another backend was passed to the engine")
         return branch
+
+    def _extendable(self, branch: Branch) -> LlamaBranch:
+        owned = self._own(branch)
+        if owned.finished:
+            raise ItscaleError("internal error: a finished branch cannot be extended")
+        return owned
 
     async def _submit(self, works: list[_Work]) -> list:
         if self._closed:
@@ -745,7 +747,7 @@ class LlamaCppModel:
             return
         w.steps.append(output)
         w.allowance -= output.tokens
-        if end in ("eos", "length") or w.allowance <= 0 or not w.next_seeds or w.stop(text):
+        if not w.next_seeds or ends_rollout(output, w.allowance, w.stop):
             self._finish(w, w.steps)
             return
         # The next step, in the same work: its pending first token is this step's last.

@@ -35,7 +35,14 @@ import numpy as np
 
 from itscale.answers import has_boxed_answer, is_equivalent, majority
 from itscale.errors import UsageError
-from itscale.lm.base import DEFAULT_DELIMITER, ExtendsToEnd, LanguageModel, StepOutput, StepSettings
+from itscale.lm.base import (
+    DEFAULT_DELIMITER,
+    ExtendsToEnd,
+    LanguageModel,
+    StepOutput,
+    StepSettings,
+    ends_rollout,
+)
 from itscale.lm.chat import MATH_SYSTEM_PROMPT
 from itscale.rewards.base import AGGREGATIONS, Reward, RewardGuard, ScoreRequest, aggregate
 from itscale.types import Particle, Prompt, Resampling, Result, Step, Stopwatch, Usage
@@ -228,14 +235,10 @@ class Run:
         if not live:
             return
         settings = settings or self.step_settings
-        seeds = [derive_seed(self.settings.seed, self.sweep, self.step, p.id) for p in live]
-        remaining = [max(1, settings.max_tokens - p.tokens) for p in live]
-        allowance = self.token_allowance(len(live))
-        if allowance == 0:
-            self.budget_limited = True
+        remaining = self._token_caps(live, settings)
+        if remaining is None:
             return
-        if allowance is not None:
-            remaining = [min(r, allowance) for r in remaining]
+        seeds = [derive_seed(self.settings.seed, self.sweep, self.step, p.id) for p in live]
         with Stopwatch(self.usage, "lm_seconds"):
             outputs = await self.lm.extend([p.branch for p in live], settings, seeds, remaining)
         self.usage.lm_calls += 1
@@ -251,16 +254,12 @@ class Run:
         live = [p for p in particles if not p.finished and p.replay is None]
         if not live:
             return
-        allowance = self.token_allowance(len(live))
-        if allowance == 0:
-            self.budget_limited = True
-            return
         settings, first = self.step_settings, self.step
+        remaining = self._token_caps(live, settings)
+        if remaining is None:
+            return
         steps = self.settings.max_steps - first
         seeds = [[derive_seed(self.settings.seed, self.sweep, first + k, p.id) for k in range(steps)] for p in live]
-        remaining = [max(1, settings.max_tokens - p.tokens) for p in live]
-        if allowance is not None:
-            remaining = [min(r, allowance) for r in remaining]
         with Stopwatch(self.usage, "lm_seconds"):
             outputs = await extend_to_end(self.lm, [p.branch for p in live], settings, seeds, remaining)
         self.usage.lm_calls += 1
@@ -273,6 +272,17 @@ class Run:
                 else:  # stopped by its share of the token budget
                     self.budget_limited = True
         self.step = first + max(len(outs) for outs in outputs)
+
+    def _token_caps(self, live: Sequence[Particle], settings: StepSettings) -> list[int] | None:
+        """The tokens each live particle may still generate (its answer's cap, lowered to
+        its share of the token budget); None, and the run marked budget-limited, when the
+        budget cannot pay for another step."""
+        allowance = self.token_allowance(len(live))
+        if allowance == 0:
+            self.budget_limited = True
+            return None
+        remaining = [max(1, settings.max_tokens - p.tokens) for p in live]
+        return remaining if allowance is None else [min(r, allowance) for r in remaining]
 
     def _record(self, p: Particle, out: StepOutput, settings: StepSettings) -> None:
         """Appends a generated step to its particle, counts it, and ends the particle if
@@ -418,7 +428,7 @@ async def extend_to_end(
             out = (await lm.extend([branch], settings, [seed], [allowance]))[0]
             outputs.append(out)
             allowance -= out.tokens
-            if out.end in ("eos", "length") or allowance <= 0 or stop(out.text):
+            if ends_rollout(out, allowance, stop):
                 break
         return outputs
 
