@@ -238,6 +238,46 @@ def test_units_reuse_samples_only_where_the_algorithm_allows(data_dir):
     assert len(again) == len(units) - 1  # one particle-filter unit fewer; best-of-n still one unit
 
 
+def test_samplers_with_the_same_rollouts_share_one_run(data_dir):
+    def units(options=None, done=(), **settings):
+        plan = Plan(
+            load_dataset("gsm8k", data_dir),
+            ("self-consistency", "best-of-n", "weighted-best-of-n", "particle-filter"),
+            (1, 2, 4),
+            (0,),
+            SearchSettings(**settings),
+            "llm-judge",
+            Backend("smollm2-135m"),
+            options or {},
+            limit=1,
+        )
+        return [u for u in plan.units(set(done)) if u.reuse]
+
+    # One run for the three samplers, run by the first that scores (self-consistency does
+    # not, so its rollouts would carry no scores for the others).
+    (shared,) = units()
+    assert (shared.algorithm, shared.run_budget, shared.budgets) == ("best-of-n", 4, (1, 2, 4))
+    assert shared.picks == (
+        ("best-of-n", (1, 2, 4)),
+        ("self-consistency", (1, 2, 4)),
+        ("weighted-best-of-n", (1, 2, 4)),
+    )
+    # Each keeps its own missing budgets; the run is as large as the largest of them.
+    problem = load_dataset("gsm8k", data_dir).problems[0].id
+    done = [(problem, "best-of-n", 4, 0), (problem, "self-consistency", 4, 0), (problem, "self-consistency", 2, 0)]
+    (shared,) = units(done=done)
+    assert shared.run_budget == 4 and dict(shared.picks) == {
+        "best-of-n": (1, 2),
+        "self-consistency": (1,),
+        "weighted-best-of-n": (1, 2, 4),
+    }
+    # Another aggregation scores the rollouts differently: its own run.
+    alone = units({"weighted-best-of-n": {"aggregation": "min"}})
+    assert sorted(u.algorithm for u in alone) == ["best-of-n", "weighted-best-of-n"]
+    # Under a token budget the reward's tokens shorten the rollouts of a scorer: no sharing.
+    assert len(units(token_budget=10_000)) == 3
+
+
 # ------------------------------------------------------------------ the bootstrap
 
 

@@ -109,6 +109,18 @@ def test_sample_reuse_picks_each_budget_from_the_big_run(engine, data_dir, tmp_p
         assert prompt_length <= one["prompt_tokens"] <= full["prompt_tokens"]
         assert records[(name, 1)]["seconds_estimated"] and not records[(name, 3)]["seconds_estimated"]
     assert records[("best-of-n", 1)]["usage"]["reward_tokens"] < records[("best-of-n", 3)]["usage"]["reward_tokens"]
+    # Both came from one run (best-of-n's: it scores); self-consistency's records are what
+    # its own run gives and costs (checked above), with no scores and no reward charged.
+    assert {r["rollouts_of"] for r in records.values()} == {"best-of-n"}
+    assert {r["started"] for r in records.values()} == {records[("best-of-n", 3)]["started"]}
+    for b in (1, 2, 3):
+        sc = records[("self-consistency", b)]
+        assert all(p["score"] is None for p in sc["particles"]) and sc["usage"]["reward_seconds"] == 0
+        assert sc["usage"]["seconds"] < records[("best-of-n", b)]["usage"]["seconds"]
+    assert main(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| self-consistency | 3 |" in report and "reused from run of 3 (best-of-n) |" in report
+    assert "shared one run per problem" in report
 
 
 def test_every_run_gets_a_fresh_reward(engine, data_dir):

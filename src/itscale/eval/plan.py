@@ -4,9 +4,11 @@ of work it splits into, plus the backend every worker opens for itself.
 A *unit* is one search run that yields one or more records. Algorithms that pick from
 independent rollouts (`Search.reuses_samples`: self-consistency, best-of-N, ...) get one unit
 per (problem, seed) run at the largest budget still missing; every smaller missing budget b
-is then evaluated with `pick(particles[:b])`. An algorithm that ignores the budget
-(`Search.uses_budget` false: greedy) gets one unit per (problem, seed) recorded at every
-missing budget. Other algorithms get one unit per budget.
+is then evaluated with `pick(particles[:b])`. Those whose rollouts are the same
+(`Search.rollout_signature`: same step settings and seed give the same steps) share that
+one run, each picking with its own rule, as search-and-learn evaluates its samplers. An
+algorithm that ignores the budget (`Search.uses_budget` false: greedy) gets one unit per
+(problem, seed) recorded at every missing budget. Other algorithms get one unit per budget.
 
 Units run problem by problem (every algorithm and budget of a problem before the next
 problem): a study stopped part way, or resumed across sessions, always has the whole grid
@@ -74,7 +76,9 @@ class Backend:
 class Unit:
     """One search run: `algorithm` on `problem` with `seed` at `run_budget` particles, giving
     records for `budgets` (just run_budget; with sample reuse, or for an algorithm that
-    ignores the budget, every missing budget)."""
+    ignores the budget, every missing budget). `also`: other sample-reusing algorithms that
+    pick from the same rollouts (equal `Search.rollout_signature`), each with its missing
+    budgets; `algorithm` is then one that uses the reward, so the rollouts carry scores."""
 
     problem: Problem
     algorithm: str
@@ -82,6 +86,12 @@ class Unit:
     run_budget: int
     budgets: tuple[int, ...]
     reuse: bool
+    also: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def picks(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Every (algorithm, budgets) this run records."""
+        return ((self.algorithm, self.budgets), *self.also)
 
 
 @dataclass(frozen=True)
@@ -131,16 +141,21 @@ class Plan:
 
     def units(self, done: set[Key] | dict[Key, Any]) -> list[Unit]:
         """The runs still needed: seed by seed, problem by problem, and within a problem the
-        cheapest budgets first, algorithm by algorithm."""
+        cheapest budgets first, algorithm by algorithm. Sample-reusing algorithms with the
+        same rollouts share one run per (problem, seed), at the largest budget any misses."""
         units = []
+        sharing: dict[tuple, list[tuple[int, str, tuple[int, ...]]]] = {}
         for order, algorithm in enumerate(self.algorithms):
             search = self.search(algorithm)
+            signature = search.rollout_signature(self.settings)
             for seed in self.seeds:
                 for index, problem in enumerate(self.problems):
                     missing = tuple(b for b in self.budgets if (problem.id, algorithm, b, seed) not in done)
                     if not missing:
                         continue
-                    if search.reuses_samples or not search.uses_budget:  # one run for every missing budget
+                    if signature is not None:
+                        sharing.setdefault((seed, index, signature), []).append((order, algorithm, missing))
+                    elif search.reuses_samples or not search.uses_budget:  # one run for every missing budget
                         run_budget = max(missing) if search.reuses_samples else min(missing)
                         run = Unit(problem, algorithm, seed, run_budget, missing, search.reuses_samples)
                         units.append(((seed, index, run_budget, order), run))
@@ -148,6 +163,12 @@ class Plan:
                         units += [
                             ((seed, index, b, order), Unit(problem, algorithm, seed, b, (b,), False)) for b in missing
                         ]
+        for (seed, index, _), pickers in sharing.items():
+            order, algorithm, missing = next((p for p in pickers if self.search(p[1]).uses_reward), pickers[0])
+            run_budget = max(b for _, _, budgets in pickers for b in budgets)
+            also = tuple((a, budgets) for _, a, budgets in pickers if a != algorithm)
+            run = Unit(self.problems[index], algorithm, seed, run_budget, missing, True, also)
+            units.append(((seed, index, run_budget, order), run))
         return [u for _, u in sorted(units, key=lambda pair: pair[0])]
 
 

@@ -43,6 +43,7 @@ class Row:
     mean_seconds: float
     seconds_estimated: bool
     sampled_from: list[int]  # sizes of the shared runs this row was picked from; [] for its own runs
+    rollouts_of: list[str]  # other algorithms whose runs this row picked from (shared rollouts)
 
 
 def bootstrap_interval(scores: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
@@ -91,6 +92,7 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
                 mean_seconds=float(np.mean([u["seconds"] for u in usage])),
                 seconds_estimated=any(r.get("seconds_estimated") for r in group),
                 sampled_from=sorted({int(r["sampled_from"]) for r in group if r.get("sampled_from")}),
+                rollouts_of=sorted({r["rollouts_of"] for r in group if r.get("rollouts_of", algorithm) != algorithm}),
             )
         )
     return rows
@@ -180,6 +182,8 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str]) -> str:
     ]
     for r in rows:
         samples = f"reused from run of {', '.join(map(str, r.sampled_from))}" if r.sampled_from else "own run"
+        if r.rollouts_of:
+            samples += f" ({', '.join(r.rollouts_of)})"
         seconds = f"{r.mean_seconds:.1f}{'*' if r.seconds_estimated else ''}"
         lines.append(
             f"| {r.algorithm} | {r.budget} | {r.accuracy:.1%} | {r.ci_low:.1%} – {r.ci_high:.1%} | {r.problems} "
@@ -192,6 +196,12 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str]) -> str:
         lines.append(
             f"Sample reuse: {', '.join(reused)} ran once per problem at the largest budget and each smaller "
             "budget b is that algorithm's choice among the first b rollouts (`samples` column)."
+        )
+    if any(r.rollouts_of for r in rows):
+        lines.append(
+            "Algorithms with the same rollouts (same step settings and seed) shared one run per problem, each "
+            "choosing by its own rule; the run's algorithm is named in the `samples` column. A row whose "
+            "algorithm uses no reward is charged no reward tokens or time."
         )
     for note in notes:
         lines += ["", note]

@@ -54,15 +54,33 @@ async def run_unit(unit: Unit, job: Job, lm: LanguageModel, judge: Any = None) -
     result = await search.run(metered, unit.problem.problem, settings, reward=reward)
     shared, own = metered.prompt_split(len(result.particles), result.usage.prompt_tokens)
     records = []
-    for b in unit.budgets:
-        subset = result.particles[:b]
-        pick = search.pick(subset)
-        text = subset[pick.index].text if pick.index is not None else ""
-        usage, estimated = subset_usage(result, b, shared, own)
-        record = _record(unit, b, result, subset, pick.answer, text, usage, pick.weights, pick.notes)
-        record["sampled_from"], record["seconds_estimated"] = len(result.particles), estimated
-        records.append(record)
+    for algorithm, budgets in unit.picks:
+        picker = search if algorithm == unit.algorithm else make_algorithm(algorithm, **job.options.get(algorithm, {}))
+        for b in budgets:
+            subset = result.particles[:b]
+            pick = picker.pick(subset)
+            text = subset[pick.index].text if pick.index is not None else ""
+            usage, estimated = subset_usage(result, b, shared, own)
+            record = _record(unit, b, result, subset, pick.answer, text, usage, pick.weights, pick.notes)
+            if not picker.uses_reward:
+                _without_reward(record)
+            record.update(algorithm=algorithm, sampled_from=len(result.particles), seconds_estimated=estimated)
+            record["rollouts_of"] = unit.algorithm
+            records.append(record)
     return _stamped(records, started)
+
+
+def _without_reward(record: dict[str, Any]) -> None:
+    """A record for an algorithm that does not use the reward, picked from a shared run that
+    scored its rollouts: what its own run would have recorded and cost (no scores, no reward
+    tokens, calls or time)."""
+    usage = record["usage"]
+    usage["seconds"] -= usage["reward_seconds"]
+    usage["total_tokens"] -= usage["reward_tokens"]
+    usage.update(reward_tokens=0, reward_calls=0, scored_steps=0, reward_seconds=0.0)
+    for particle in record["particles"]:
+        particle["score"] = None
+    record["diagnostics"] = {k: v for k, v in record["diagnostics"].items() if not k.startswith("reward")}
 
 
 def _stamped(records: list[dict[str, Any]], started: float) -> list[dict[str, Any]]:

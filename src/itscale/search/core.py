@@ -514,6 +514,23 @@ class Search:
     def step_settings(self, settings: SearchSettings) -> StepSettings:
         return settings.step_settings()
 
+    def rollout_signature(self, settings: SearchSettings) -> tuple | None:
+        """What the rollouts of a sample-reusing algorithm depend on besides the problem,
+        the seed and the budget. Algorithms with equal signatures draw the very same
+        rollouts (same steps, same per-step seeds, same final scores when they score), so an
+        evaluation runs them once and lets each `pick`. None when the rollouts cannot be
+        shared: no sample reuse, or a token budget (a reward's tokens count against it, so
+        an algorithm that scores would stop its rollouts sooner than one that does not)."""
+        if not self.reuses_samples or settings.token_budget is not None:
+            return None
+        return (
+            self.step_settings(settings),
+            self.population_size(settings.budget),
+            self.independent_rollouts,
+            self.score_each_step,
+            self.aggregation,
+        )
+
     async def run(
         self,
         lm: LanguageModel,
