@@ -14,7 +14,7 @@ from itscale.cli import main
 from itscale.errors import UsageError
 from itscale.eval.datasets import default_data_dir, load_dataset
 from itscale.eval.plan import Backend, Plan, parse_budgets
-from itscale.eval.report import bootstrap_interval, complete_problems
+from itscale.eval.report import bootstrap_interval, complete_problems, markdown, summarise
 from itscale.eval.store import OutputDir, ResultStore
 from itscale.search import algorithm_names, make_algorithm
 from itscale.search.core import SearchSettings
@@ -305,3 +305,14 @@ def test_an_unfinished_run_is_reported_over_the_problems_every_cell_has():
     kept, left_out = complete_problems(done + in_progress)
     assert kept == done and left_out == 3
     assert complete_problems(done) == (done, 0)
+
+
+def test_the_report_lists_a_resumed_command_once_with_its_count():
+    usage = {"total_tokens": 10, "completion_tokens": 8, "reward_tokens": 0, "seconds": 1.0}
+    records = [{**record(p), "usage": usage} for p in ("p0", "p1")]
+    first = ["itscale", "eval", "--dataset", "gsm8k", "--budgets", "1"]
+    grown = [*first[:-1], "1,2"]
+    config = {"identity": {}, "grid": {}, "runs": [{"command": c} for c in (first, first, first, grown)]}
+    text = markdown(config, summarise(records, ["greedy"]), [])
+    listed = [line.strip() for line in text.splitlines() if line.startswith("    itscale")]
+    assert listed == [" ".join(first) + "    # run 3 times", " ".join(grown)]

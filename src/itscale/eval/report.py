@@ -8,7 +8,7 @@ answers came from: its own runs, or subsets of a shared larger run (sample reuse
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,8 +172,10 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str]) -> str:
     options = {a: o for a, o in identity.get("options", {}).items() if o}
     if options:
         lines.append("Algorithm options: " + "; ".join(f"{a}: {o}" for a, o in options.items()) + ".")
+    # A long study is the same command run again and again (it resumes): list it once.
+    commands = Counter(" ".join(run["command"]) for run in config.get("runs", []) if run.get("command"))
     lines += ["", "Commands:", ""]
-    lines += [f"    {' '.join(run['command'])}" for run in config.get("runs", []) if run.get("command")]
+    lines += [f"    {command}" + (f"    # run {n} times" if n > 1 else "") for command, n in commands.items()]
     lines += [
         "",
         "| algorithm | budget | accuracy | 95% CI | problems | mean tokens | mean generated | mean reward tokens "
