@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from itscale.answers import has_boxed_answer
 from itscale.errors import BackendError, UsageError
 from itscale.lm.base import StepSettings
 from itscale.lm.openai import OpenAIModel
@@ -22,6 +23,7 @@ PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 
 async def test_greedy_search_through_a_real_server(llama_server: str) -> None:
     lm = OpenAIModel(llama_server, chat_template="smollm2-135m")
+    requests = count_generation_requests(lm)
     try:
         result = await make_algorithm("greedy").run(lm, PROBLEM, max_steps=3, max_tokens=120, max_step_tokens=60)
     finally:
@@ -31,9 +33,11 @@ async def test_greedy_search_through_a_real_server(llama_server: str) -> None:
     for step in particle.steps[:-1]:
         assert step.end in ("delimiter", "step_cap")
         if step.end == "delimiter":
-            assert step.text.endswith("\n\n")
-    # Every step re-sends the prefix: the server's prompt tokens grow with each step.
-    assert result.usage.prompt_tokens > 60 * len(particle.steps) / 2
+            assert "\n\n" in step.text
+    # One request for the whole rollout (greedy's particle never waits for another): the
+    # prompt is sent once, not once a step.
+    assert len(requests) == 1 and requests[0]["max_tokens"] == 120
+    assert result.usage.prompt_tokens > 0
     assert result.usage.completion_tokens == particle.tokens > 0
     assert lm.diagnostics["chat_template"] == "from smollm2-135m"
     assert lm.name.endswith(".gguf")  # learned from /v1/models
@@ -79,6 +83,99 @@ async def test_n_is_detected_as_unsupported_and_worked_around(llama_server: str)
         assert [o.text for o in await lm.extend(again, settings, [1, 2, 3])] == [o.text for o in outs]
     finally:
         await lm.close()
+
+
+def count_generation_requests(lm: OpenAIModel) -> list[dict]:
+    """The payloads of the generation requests `lm` sends from now on."""
+    payloads: list[dict] = []
+    send = lm.request
+
+    async def counting(method: str, path: str, payload: dict | None = None, under_v1: bool = True) -> dict:
+        if path in ("/completions", "/chat/completions"):
+            payloads.append(payload)
+        return await send(method, path, payload, under_v1)
+
+    lm.request = counting  # type: ignore[method-assign]
+    return payloads
+
+
+async def test_a_rollout_is_one_request_cut_into_steps_where_the_engine_would(llama_server: str) -> None:
+    lm = OpenAIModel(llama_server, chat_template="smollm2-135m")
+    greedy = StepSettings(temperature=0.0, max_step_tokens=12)
+    never = lambda text: False  # noqa: E731
+    try:
+        root = await lm.start(Prompt.of(PROBLEM))
+        # The server's own greedy continuation of the prompt, in one piece.
+        whole = await lm.request(
+            "POST",
+            "/completions",
+            {"model": lm.model, "prompt": root.prefix, "max_tokens": 90, "temperature": 0.0, "logprobs": 1},
+        )
+        tokens = whole["choices"][0]["logprobs"]["tokens"]
+        requests = count_generation_requests(lm)
+        [steps] = await lm.extend_to_end([root], greedy, [list(range(40))], [90], never)
+        assert len(requests) == 1 and "stop" not in requests[0] and requests[0]["max_tokens"] == 90
+        assert "".join(s.text for s in steps) == whole["choices"][0]["text"] == "".join(root.steps)
+        assert sum(s.tokens for s in steps) == len(tokens) <= 90
+        assert len(steps) > 1 and steps[0].prompt_tokens > 0
+        for step in steps[:-1]:
+            assert step.end in ("delimiter", "step_cap") and 0 < step.tokens <= 12
+            assert ("\n\n" in step.text) == (step.end == "delimiter")
+            assert step.logprob is not None and step.logprob <= 0
+        assert steps[-1].end in ("eos", "step_cap")
+
+        # Cut short by the stop rule or the step seeds: the dropped steps' tokens are
+        # still counted (the server generated them), on the last step kept.
+        [stopped] = await lm.extend_to_end([await lm.start(Prompt.of(PROBLEM))], greedy, [[0] * 40], [90], bool)
+        assert len(stopped) == 1 and stopped[0].text == steps[0].text
+        assert stopped[0].tokens == sum(s.tokens for s in steps)
+        [two] = await lm.extend_to_end([await lm.start(Prompt.of(PROBLEM))], greedy, [[0, 1]], [90], never)
+        assert [s.text for s in two] == [s.text for s in steps[:2]]
+        assert two[1].tokens == sum(s.tokens for s in steps[1:])
+
+        # Rollouts from the same text share a request with n (split per seed when the
+        # server returns one choice); seeded, so the same seeds give the same rollouts.
+        sampled = StepSettings(temperature=1.0, max_step_tokens=12)
+        again = []
+        for _ in range(2):
+            forks = [lm.fork(root, steps=0) for _ in range(3)]
+            again.append(await lm.extend_to_end(forks, sampled, [[1, 9], [2, 9], [3, 9]], [30] * 3, never))
+        assert [[s.text for s in r] for r in again[0]] == [[s.text for s in r] for r in again[1]]
+        assert all(sum(s.tokens for s in r) <= 30 for r in again[0])
+    finally:
+        await lm.close()
+
+
+async def test_without_token_logprobs_rollouts_go_step_by_step(llama_server: str) -> None:
+    lm = OpenAIModel(llama_server, chat_template="smollm2-135m", logprobs=False)
+    requests = count_generation_requests(lm)
+    try:
+        root = await lm.start(Prompt.of(PROBLEM))
+        settings = StepSettings(temperature=0.0, max_step_tokens=12)
+        [steps] = await lm.extend_to_end([root], settings, [[0, 1, 2]], [60], lambda text: False)
+    finally:
+        await lm.close()
+    assert 1 <= len(steps) == len(requests) <= 3 and all(r["stop"] == ["\n\n"] for r in requests)
+
+
+def test_steps_are_cut_from_tokens_by_delimiter_cap_and_end() -> None:
+    from itscale.lm.openai import _steps_from_tokens
+
+    pieces = [("a", -0.5), (".\n\nB", -0.25), ("c", -1.0), ("d", -1.0), ("e", -2.0)]
+    steps = _steps_from_tokens(pieces, StepSettings(max_step_tokens=2), "eos")
+    assert [(s.text, s.tokens, s.end, s.logprob) for s in steps] == [
+        ("a.\n\nB", 2, "delimiter", -0.75),  # the step keeps the whole token that ends it
+        ("cd", 2, "step_cap", -2.0),
+        ("e", 1, "eos", -2.0),
+    ]
+    # A delimiter at the very end of an answer that ended: the step ends the answer.
+    assert [s.end for s in _steps_from_tokens(pieces[:2], StepSettings(), "eos")] == ["eos"]
+    # The allowance ran out (finish "length"), and token-count steps.
+    assert [s.end for s in _steps_from_tokens(pieces, StepSettings(delimiter=3), "step_cap")] == [
+        "delimiter",
+        "step_cap",
+    ]
+    assert [(s.text, s.end) for s in _steps_from_tokens([], StepSettings(), "eos")] == [("", "eos")]
 
 
 # ---------------------------------------------------------------- scripted servers
@@ -204,6 +301,30 @@ async def test_chat_mode_continues_the_assistant_turn_with_vllm_fields() -> None
         await lm.extend(branches[:1], StepSettings(), [1])
         assert seen[1][1]["messages"][-1] == {"role": "assistant", "content": "step0\n\n"}
         await lm.close()
+
+
+async def test_a_rollout_from_a_server_without_token_logprobs_is_cut_at_the_delimiters() -> None:
+    text = "Step one.\n\nStep two is longer.\n\nSo \\boxed{7}."
+    payload = json.dumps(
+        {"choices": [{"text": text, "finish_reason": "stop"}], "usage": {"prompt_tokens": 9, "completion_tokens": 20}}
+    ).encode()
+    with scripted_server(lambda path, body: (200, payload)) as (url, seen):
+        lm = OpenAIModel(url, "m", chat_template="chatml")
+        [steps] = await lm.extend_to_end([await lm.start(Prompt.of("hi"))], StepSettings(), [[0] * 5], [50], bool)
+        await lm.close()
+    assert len(seen) == 1 and seen[0][1]["max_tokens"] == 50 and seen[0][1]["logprobs"] == 1
+    # The stop rule ends the rollout after its first step; every generated token is counted.
+    assert [(s.text, s.tokens, s.end) for s in steps] == [("Step one.\n\n", 20, "delimiter")]
+    assert steps[0].prompt_tokens == 9
+    with scripted_server(lambda path, body: (200, payload)) as (url, seen):
+        lm = OpenAIModel(url, "m", chat_template="chatml")
+        [steps] = await lm.extend_to_end(
+            [await lm.start(Prompt.of("hi"))], StepSettings(), [[0] * 5], [50], has_boxed_answer
+        )
+        await lm.close()
+    assert [s.text for s in steps] == ["Step one.\n\n", "Step two is longer.\n\n", "So \\boxed{7}."]
+    assert [s.end for s in steps] == ["delimiter", "delimiter", "eos"] and sum(s.tokens for s in steps) == 20
+    assert steps[0].tokens < steps[1].tokens  # shared by text length
 
 
 async def test_stop_reason_distinguishes_the_delimiter_from_end_of_turn() -> None:

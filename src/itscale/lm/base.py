@@ -14,6 +14,7 @@ Forks are lazy and cheap to ask for: `fork` is synchronous, and the backend does
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -137,3 +138,27 @@ def ends_rollout(out: StepOutput, tokens_left: int, stop: Callable[[str], bool])
     of step seeds): the model ended its answer, its tokens are spent, or `stop` accepts the
     step's text. Every `extend_to_end` applies this same rule."""
     return out.end in ("eos", "length") or tokens_left <= 0 or stop(out.text)
+
+
+async def extend_step_by_step(
+    lm: LanguageModel,
+    branches: Sequence[Branch],
+    settings: StepSettings,
+    seeds: Sequence[Sequence[int]],
+    max_new_tokens: Sequence[int],
+    stop: Callable[[str], bool],
+) -> list[list[StepOutput]]:
+    """`extend_to_end` for a backend without one: each branch's steps are requested one
+    after another with `extend`, the branches concurrently."""
+
+    async def one(branch: Branch, step_seeds: Sequence[int], allowance: int) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        for seed in step_seeds:
+            out = (await lm.extend([branch], settings, [seed], [allowance]))[0]
+            outputs.append(out)
+            allowance -= out.tokens
+            if ends_rollout(out, allowance, stop):
+                break
+        return outputs
+
+    return list(await asyncio.gather(*(one(*args) for args in zip(branches, seeds, max_new_tokens, strict=True))))

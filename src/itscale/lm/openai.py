@@ -19,6 +19,10 @@ Requests go through one pooled httpx client with bounded concurrency. Timeouts, 
 answers and dropped connections are retried with exponential backoff; anything else is a
 `BackendError` naming the server and what it said. Particles with the same text (children
 of one parent after resampling) share a request with `n` when the server supports it.
+
+Independent rollouts (best-of-N, self-consistency, ...: `extend_to_end`) are one request
+each, run to the end of the answer by the server's own batching and cut into steps here
+from the returned tokens, instead of one request (and one re-sent prefix) per step.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
 
 from itscale.errors import BackendError, UsageError
-from itscale.lm.base import Branch, StepOutput, StepSettings
+from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, extend_step_by_step
 from itscale.lm.chat import CHATML, ChatTemplate
 from itscale.types import Prompt
 
@@ -215,50 +219,93 @@ class OpenAIModel:
             settings.step_token_cap if max_new_tokens is None else max(1, min(settings.step_token_cap, m))
             for m in (max_new_tokens or [0] * len(branches))
         ]
+        pairs = await self._continue(branches, settings, caps, seeds, delimited=True)
+        outputs = [self._step(choice, usage, settings) for choice, usage in pairs]
+        for b, out in zip(branches, outputs, strict=True):
+            b.steps.append(out.text)
+            b.finished = out.end == "eos"
+        return outputs
+
+    async def extend_to_end(
+        self,
+        branches: Sequence[Branch],
+        settings: StepSettings,
+        seeds: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        stop: Callable[[str], bool],
+    ) -> list[list[StepOutput]]:
+        """Each rollout in one request (rollouts from the same text share one with `n`), run
+        to the end of the answer or its token allowance and split into steps here from the
+        returned tokens, by the same rules as the engine (delimiter, step cap,
+        `ends_rollout`). A server cannot seed each step or stop on a step's content, so a
+        rollout is seeded by its first step's seed, and the steps after the one that ends it
+        (or after its last seed's step) are dropped, their tokens counted on the last step
+        kept: they were generated. Without token log-probabilities (`logprobs=False`) the
+        split cannot be exact, and steps are requested one by one instead."""
+        if not self.logprobs:
+            return await extend_step_by_step(self, branches, settings, seeds, max_new_tokens, stop)
+        await self._ensure_ready()
+        allowances = [max(1, m) for m in max_new_tokens]
+        pairs = await self._continue(branches, settings, allowances, [s[0] for s in seeds], delimited=False)
+        rollouts = [
+            _split_rollout(choice, usage, settings, allowances[i], len(seeds[i]), stop)
+            for i, (choice, usage) in enumerate(pairs)
+        ]
+        for b, steps in zip(branches, rollouts, strict=True):
+            b.steps += [out.text for out in steps]
+            b.finished = steps[-1].end == "eos"
+        return rollouts
+
+    async def _continue(
+        self, branches: Sequence[Branch], settings: StepSettings, caps: list[int], seeds: Sequence[int], delimited: bool
+    ) -> list[tuple[dict, dict]]:
+        """A (choice, usage) continuation per branch; branches with the same text and cap
+        (children of one parent, rollouts of one prompt) share a request (see `_sample`)."""
         groups: dict[tuple, list[int]] = {}
         for i, b in enumerate(branches):
             assert isinstance(b, RemoteBranch)
             groups.setdefault((b.prompt, b.text, caps[i]), []).append(i)
-        outputs: list[StepOutput | None] = [None] * len(branches)
+        pairs: list[tuple[dict, dict]] = [({}, {})] * len(branches)
 
         async def run_group(members: list[int]) -> None:
             first = branches[members[0]]
-            results = await self._sample(first, settings, caps[members[0]], [seeds[i] for i in members])
-            for i, out in zip(members, results, strict=True):
-                outputs[i] = out
+            results = await self._sample(first, settings, caps[members[0]], [seeds[i] for i in members], delimited)
+            for i, pair in zip(members, results, strict=True):
+                pairs[i] = pair
 
         await asyncio.gather(*(run_group(m) for m in groups.values()))
-        for b, out in zip(branches, outputs, strict=True):
-            b.steps.append(out.text)
-            b.finished = out.end == "eos"
-        return outputs  # type: ignore[return-value]
+        return pairs
 
     async def _sample(
-        self, branch: RemoteBranch, settings: StepSettings, cap: int, seeds: list[int]
-    ) -> list[StepOutput]:
-        """`len(seeds)` continuations of one text: one request with n when the server
-        supports it, else one request per seed."""
+        self, branch: RemoteBranch, settings: StepSettings, cap: int, seeds: list[int], delimited: bool = True
+    ) -> list[tuple[dict, dict]]:
+        """`len(seeds)` continuations of one text, each a (choice, usage) pair whose usage
+        counts the prompt once per request (on its first choice): one request with n when
+        the server supports it, else one request per seed. `delimited`: stop at the step
+        delimiter, else run to the end of the answer or `cap`."""
         n = len(seeds)
         if n > 1 and self.supports_n is not False:
-            choices, usage = await self._complete(branch, settings, cap, seeds[0], n)
+            choices, usage = await self._complete(branch, settings, cap, seeds[0], n, delimited)
             if self.supports_n is None:
                 self.supports_n = len(choices) >= n
                 self.diagnostics["server_supports_n"] = self.supports_n
+            done = _with_usage(choices[:n], usage)
             if len(choices) >= n:
-                return self._outputs(choices[:n], usage, settings)
-            done = self._outputs(choices, usage, settings)
-            rest = await asyncio.gather(*(self._sample(branch, settings, cap, [s]) for s in seeds[len(choices) :]))
-            return done + [o for outs in rest for o in outs]
+                return done
+            rest = await asyncio.gather(
+                *(self._sample(branch, settings, cap, [s], delimited) for s in seeds[len(choices) :])
+            )
+            return done + [pair for pairs in rest for pair in pairs]
         if n > 1:  # the server ignores n: one request per seed
-            parts = await asyncio.gather(*(self._sample(branch, settings, cap, [s]) for s in seeds))
-            return [o for outs in parts for o in outs]
-        choices, usage = await self._complete(branch, settings, cap, seeds[0], 1)
+            parts = await asyncio.gather(*(self._sample(branch, settings, cap, [s], delimited) for s in seeds))
+            return [pair for pairs in parts for pair in pairs]
+        choices, usage = await self._complete(branch, settings, cap, seeds[0], 1, delimited)
         if not choices:
             raise BackendError(f"{self.api_url} returned no choices")
-        return self._outputs(choices[:1], usage, settings)
+        return _with_usage(choices[:1], usage)
 
     async def _complete(
-        self, branch: RemoteBranch, settings: StepSettings, cap: int, seed: int, n: int
+        self, branch: RemoteBranch, settings: StepSettings, cap: int, seed: int, n: int, delimited: bool = True
     ) -> tuple[list[dict], dict]:
         payload: dict[str, Any] = {
             "model": self.model,
@@ -268,7 +315,7 @@ class OpenAIModel:
             "seed": int(seed % (2**31)),
             "n": n,
         }
-        if isinstance(settings.delimiter, str):
+        if delimited and isinstance(settings.delimiter, str):
             payload["stop"] = [settings.delimiter]
         if self.mode == "completions":
             payload["prompt"] = branch.prefix + branch.text
@@ -288,34 +335,115 @@ class OpenAIModel:
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return choices, usage
 
-    def _outputs(self, choices: list[dict], usage: dict, settings: StepSettings) -> list[StepOutput]:
-        texts = [_choice_text(c) for c in choices]
-        token_counts = _split_tokens(usage.get("completion_tokens"), texts, choices)
-        outputs = []
-        for i, (choice, text, tokens) in enumerate(zip(choices, texts, token_counts, strict=True)):
-            reason = choice.get("finish_reason")
-            stop_reason = choice.get("stop_reason")
-            if reason == "length":
-                end = "step_cap"
-            elif isinstance(settings.delimiter, str) and (
-                stop_reason == settings.delimiter or (stop_reason is None and "stop_reason" not in choice and text)
-            ):
-                # The server stopped on our delimiter (it strips stop strings from the text);
-                # a server that does not say why is trusted unless it returned nothing.
-                end = "delimiter"
-                text += settings.delimiter
-            else:
-                end = "eos"
-            outputs.append(
-                StepOutput(
-                    text=text,
-                    tokens=tokens,
-                    end=end,
-                    prompt_tokens=int(usage.get("prompt_tokens") or 0) if i == 0 else 0,
-                    logprob=_logprob_sum(choice),
-                )
-            )
-        return outputs
+    @staticmethod
+    def _step(choice: dict, usage: dict, settings: StepSettings) -> StepOutput:
+        """One step from a choice of a request that stopped at the delimiter."""
+        text = _choice_text(choice)
+        reason = choice.get("finish_reason")
+        stop_reason = choice.get("stop_reason")
+        if reason == "length":
+            end = "step_cap"
+        elif isinstance(settings.delimiter, str) and (
+            stop_reason == settings.delimiter or (stop_reason is None and "stop_reason" not in choice and text)
+        ):
+            # The server stopped on our delimiter (it strips stop strings from the text);
+            # a server that does not say why is trusted unless it returned nothing.
+            end = "delimiter"
+            text += settings.delimiter
+        else:
+            end = "eos"
+        return StepOutput(
+            text=text,
+            tokens=usage["completion_tokens"],
+            end=end,
+            prompt_tokens=usage["prompt_tokens"],
+            logprob=_logprob_sum(choice),
+        )
+
+
+def _with_usage(choices: list[dict], usage: dict) -> list[tuple[dict, dict]]:
+    """Each choice of one request with its share of the request's usage: the prompt on the
+    first choice, the completion tokens its own (see `_split_tokens`)."""
+    tokens = _split_tokens(usage.get("completion_tokens"), [_choice_text(c) for c in choices], choices)
+    prompt = int(usage.get("prompt_tokens") or 0)
+    return [
+        (choice, {"prompt_tokens": prompt if i == 0 else 0, "completion_tokens": n})
+        for i, (choice, n) in enumerate(zip(choices, tokens, strict=True))
+    ]
+
+
+def _split_rollout(
+    choice: dict, usage: dict, settings: StepSettings, allowance: int, max_steps: int, stop: Callable[[str], bool]
+) -> list[StepOutput]:
+    """A whole rollout's choice cut into steps where the engine would end them, then cut
+    short by `ends_rollout` or `max_steps` (the dropped steps' tokens stay counted)."""
+    last_end = "step_cap" if choice.get("finish_reason") == "length" else "eos"
+    pieces = _token_pieces(choice)
+    if pieces is not None:
+        steps = _steps_from_tokens(pieces, settings, last_end)
+    else:  # a server that ignores logprobs: cut the text, share the tokens by text length
+        texts = _cut_at(_choice_text(choice), settings.delimiter) if isinstance(settings.delimiter, str) else []
+        texts = texts or [_choice_text(choice)]
+        counts = _split_tokens(usage["completion_tokens"], texts, [{} for _ in texts])
+        ends = ["delimiter"] * (len(texts) - 1) + [last_end]
+        steps = [StepOutput(t, n, e) for t, n, e in zip(texts, counts, ends, strict=True)]
+    steps[0].prompt_tokens = usage["prompt_tokens"]
+    kept, left = [], allowance
+    for out in steps:
+        kept.append(out)
+        left -= out.tokens
+        if len(kept) == max_steps or ends_rollout(out, left, stop):
+            break
+    kept[-1].tokens += sum(out.tokens for out in steps[len(kept) :])  # generated, then dropped
+    return kept
+
+
+def _steps_from_tokens(
+    pieces: list[tuple[str, float | None]], settings: StepSettings, last_end: str
+) -> list[StepOutput]:
+    """Token by token, as the engine ends steps: a token whose text completes the delimiter
+    ends a step (the step keeps the whole token), so does the step cap; the last step ends
+    as the request did ("eos" when the model ended its answer there)."""
+    delimiter = settings.delimiter
+    steps: list[StepOutput] = []
+    text, tokens, logprob = "", 0, 0.0
+    for i, (piece, piece_logprob) in enumerate(pieces):
+        text, tokens, logprob = text + piece, tokens + 1, logprob + (piece_logprob or 0.0)
+        if isinstance(delimiter, str):
+            end = "delimiter" if delimiter in text[-(len(piece) + len(delimiter)) :] else None
+        else:
+            end = "delimiter" if tokens >= delimiter else None
+        if end is None and tokens >= settings.step_token_cap:
+            end = "step_cap"
+        if i == len(pieces) - 1 and (end is None or last_end == "eos"):
+            end = last_end
+        if end is not None:
+            steps.append(StepOutput(text, tokens, end, logprob=logprob))
+            text, tokens, logprob = "", 0, 0.0
+    return steps or [StepOutput("", 0, last_end)]  # the model ended its answer at once
+
+
+def _token_pieces(choice: dict) -> list[tuple[str, float | None]] | None:
+    """The generated tokens' texts and log-probabilities, from either response format."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    if isinstance(lp.get("tokens"), list):
+        values = lp.get("token_logprobs") if isinstance(lp.get("token_logprobs"), list) else []
+        return [(str(t), _number(values[i]) if i < len(values) else None) for i, t in enumerate(lp["tokens"])]
+    if isinstance(lp.get("content"), list):
+        return [(str(t.get("token", "")), _number(t.get("logprob"))) for t in lp["content"] if isinstance(t, dict)]
+    return None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _cut_at(text: str, delimiter: str) -> list[str]:
+    """`text` cut after every occurrence of `delimiter` (each part keeps its delimiter)."""
+    parts = text.split(delimiter)
+    return [p + delimiter for p in parts[:-1]] + ([parts[-1]] if parts[-1] or len(parts) == 1 else [])
 
 
 def _choice_text(choice: dict) -> str:

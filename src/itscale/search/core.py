@@ -23,7 +23,6 @@ Semantics that matter (the anchors got these wrong):
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import math
 import time
@@ -41,7 +40,7 @@ from itscale.lm.base import (
     LanguageModel,
     StepOutput,
     StepSettings,
-    ends_rollout,
+    extend_step_by_step,
 )
 from itscale.lm.chat import MATH_SYSTEM_PROMPT
 from itscale.rewards.base import AGGREGATIONS, Reward, RewardGuard, ScoreRequest, aggregate
@@ -417,22 +416,11 @@ async def extend_to_end(
     ends its answer, `stop(step text)` holds (by default: the step has a complete \\boxed{}
     answer), its `max_new_tokens[i]` are spent or its seeds run out. A backend with an
     `extend_to_end` of its own does this inside its batching (the embedded engine: in its
-    thread, so batch composition never depends on timing); for any other, each branch's
-    steps are requested one after another, the branches concurrently."""
+    thread, so batch composition never depends on timing; a server: one request a rollout);
+    for any other, each branch's steps are requested one after another."""
     if isinstance(lm, ExtendsToEnd):
         return await lm.extend_to_end(branches, settings, seeds, max_new_tokens, stop)
-
-    async def one(branch: Any, step_seeds: Sequence[int], allowance: int) -> list[StepOutput]:
-        outputs: list[StepOutput] = []
-        for seed in step_seeds:
-            out = (await lm.extend([branch], settings, [seed], [allowance]))[0]
-            outputs.append(out)
-            allowance -= out.tokens
-            if ends_rollout(out, allowance, stop):
-                break
-        return outputs
-
-    return list(await asyncio.gather(*(one(*args) for args in zip(branches, seeds, max_new_tokens, strict=True))))
+    return await extend_step_by_step(lm, branches, settings, seeds, max_new_tokens, stop)
 
 
 async def lockstep(runs: Sequence[Run]) -> None:
