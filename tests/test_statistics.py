@@ -266,6 +266,20 @@ async def test_dvts_keeps_one_best_particle_per_subtree(lm) -> None:
     assert {p.tag for p in result.particles} == {0, 1}
 
 
+@pytest.mark.parametrize("name", ["beam-search", "dvts"])
+async def test_a_budget_below_the_beam_width_never_holds_more_particles(lm, name) -> None:
+    def live_particles(run) -> None:
+        live.append(sum(not p.finished for p in run.particles))
+
+    for budget in (1, 2, 3):
+        live: list[int] = []
+        result = await make_algorithm(name, beam_width=4).run(
+            lm, "toy", settings(budget=budget, seed=3), reward=PotentialReward(G), observer=live_particles
+        )
+        assert live and max(live) <= budget, (budget, live)  # extended at once: at most N
+        assert result.usage.completion_tokens <= budget * (T + 1)  # one token a step, and the end
+
+
 class Zero(CachedReward):
     name = "zero"
 

@@ -5,7 +5,9 @@ their aggregated step reward, the top N/M kept and each expanded M times (its co
 different samples next step). A finished particle leaves the beam and joins the completed
 set; duplicate completed particles (the same text) are removed before selection, and the
 search ends when N particles have completed or none is live. The answer is the completed
-particle with the best reward. With `lookahead=k`, each live particle is ranked by the
+particle with the best reward. A budget below the beam width narrows the beam to N (budget 1
+keeps and extends one particle): a run never holds more than N particles, so budgets 1 and 2
+cost what they say. With `lookahead=k`, each live particle is ranked by the
 reward of a greedy k-step continuation of a fork (its tokens count; the continuation is
 discarded).
 
@@ -46,8 +48,13 @@ class BeamSearch(Search):
             run.select(completed)  # done: the distinct completed particles, live ones dropped
             return
         ranking = await self.ranking_scores(run, live)
-        kept = sorted(live, key=lambda i: -ranking[i])[: max(1, budget // self.beam_width)]
-        run.select(completed + [i for i in kept for _ in range(self.beam_width)])
+        width = self.width(budget)
+        kept = sorted(live, key=lambda i: -ranking[i])[: budget // width]
+        run.select(completed + [i for i in kept for _ in range(width)])
+
+    def width(self, budget: int) -> int:
+        """The beam width at this budget: never more particles than the budget."""
+        return min(self.beam_width, budget)
 
     def completed(self, run: Run) -> list[int]:
         """Indices of finished particles, one per distinct text (the best-scored copy)."""
@@ -82,10 +89,11 @@ class DVTS(BeamSearch):
     name = "dvts"
 
     async def select(self, run: Run) -> None:
+        width = self.width(run.settings.budget)
         subtrees: dict[int, list[int]] = {}
         for i, p in enumerate(run.particles):
             if p.tag is None:
-                p.tag = i // self.beam_width  # first step: N/M subtrees of M particles each
+                p.tag = i // width  # first step: N/M subtrees of M particles each
             subtrees.setdefault(p.tag, []).append(i)
         live = [i for i, p in enumerate(run.particles) if not p.finished]
         ranking = await self.ranking_scores(run, live)
@@ -95,7 +103,7 @@ class DVTS(BeamSearch):
             if run.particles[best].finished:
                 parents.append(best)  # the subtree is done: its best particle has finished
             else:
-                parents += [best] * self.beam_width
+                parents += [best] * width
         run.select(parents)
 
 
