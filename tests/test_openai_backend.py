@@ -327,6 +327,21 @@ async def test_a_rollout_from_a_server_without_token_logprobs_is_cut_at_the_deli
     assert steps[0].tokens < steps[1].tokens  # shared by text length
 
 
+async def test_token_texts_that_do_not_spell_the_text_leave_the_text_intact() -> None:
+    # A character split across two tokens: each token's text alone is a replacement mark.
+    tokens = ["Step", " ", "\ufffd", "\ufffd", ".\n\n", "Done", "."]
+    choice = {"text": "Step é.\n\nDone.", "finish_reason": "stop"}
+    choice["logprobs"] = {"tokens": tokens, "token_logprobs": [-1.0] * 7}
+    payload = json.dumps({"choices": [choice], "usage": {"prompt_tokens": 9, "completion_tokens": 7}}).encode()
+    with scripted_server(lambda path, body: (200, payload)) as (url, _):
+        lm = OpenAIModel(url, "m", chat_template="chatml")
+        root = await lm.start(Prompt.of("hi"))
+        [steps] = await lm.extend_to_end([root], StepSettings(), [[0] * 5], [50], lambda text: False)
+        await lm.close()
+    assert [(s.text, s.end) for s in steps] == [("Step é.\n\n", "delimiter"), ("Done.", "eos")]
+    assert [s.tokens for s in steps] == [5, 2] and [s.logprob for s in steps] == [-5.0, -2.0]
+
+
 async def test_stop_reason_distinguishes_the_delimiter_from_end_of_turn() -> None:
     answers = iter(
         [(200, completion("The answer is 7.", stop_reason=None)), (200, completion("x", stop_reason="\n\n"))]

@@ -378,15 +378,22 @@ def _split_rollout(
     """A whole rollout's choice cut into steps where the engine would end them, then cut
     short by `ends_rollout` or `max_steps` (the dropped steps' tokens stay counted)."""
     last_end = "step_cap" if choice.get("finish_reason") == "length" else "eos"
-    pieces = _token_pieces(choice)
-    if pieces is not None:
+    text, pieces = _choice_text(choice), _token_pieces(choice)
+    if pieces is not None and "".join(piece for piece, _ in pieces) == text:
         steps = _steps_from_tokens(pieces, settings, last_end)
-    else:  # a server that ignores logprobs: cut the text, share the tokens by text length
-        texts = _cut_at(_choice_text(choice), settings.delimiter) if isinstance(settings.delimiter, str) else []
-        texts = texts or [_choice_text(choice)]
+    else:
+        # The server gave no tokens, or token texts that do not spell the text (a character
+        # split across tokens shows as a replacement mark): cut the text at the delimiters
+        # and share the tokens, and their log-probabilities in order, by text length.
+        texts = (_cut_at(text, settings.delimiter) if isinstance(settings.delimiter, str) else []) or [text]
         counts = _split_tokens(usage["completion_tokens"], texts, [{} for _ in texts])
         ends = ["delimiter"] * (len(texts) - 1) + [last_end]
         steps = [StepOutput(t, n, e) for t, n, e in zip(texts, counts, ends, strict=True)]
+        if pieces is not None:
+            start = 0
+            for out in steps:
+                out.logprob = sum(lp or 0.0 for _, lp in pieces[start : start + out.tokens])
+                start += out.tokens
     steps[0].prompt_tokens = usage["prompt_tokens"]
     kept, left = [], allowance
     for out in steps:
