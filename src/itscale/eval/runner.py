@@ -64,8 +64,12 @@ async def run_unit(unit: Unit, job: Job, lm: LanguageModel, judge: Any = None) -
             record = _record(unit, b, result, subset, pick.answer, text, usage, pick.weights, pick.notes)
             if not picker.uses_reward:
                 _without_reward(record)
-            record.update(algorithm=algorithm, sampled_from=len(result.particles), seconds_estimated=estimated)
-            record["rollouts_of"] = unit.algorithm
+            record.update(
+                algorithm=algorithm,
+                sampled_from=len(result.particles),
+                seconds_estimated=estimated,
+                rollouts_of=unit.algorithm,
+            )
             records.append(record)
     return _stamped(records, started)
 

@@ -133,6 +133,20 @@ class ExtendsToEnd(Protocol):
         ...
 
 
+def step_end(step: str | bytes, piece: str | bytes, delimiter: str | bytes | int, tokens: int, cap: int) -> str | None:
+    """How the step ends with the token `piece`, just added to `step` (the step so far, as
+    text or as bytes like `delimiter`), its `tokens`-th: "delimiter" when the token completes
+    the delimiter (the step keeps the whole token) or reaches a token-count delimiter,
+    "step_cap" at `cap` tokens, else None (the step goes on). The engine and the server
+    backend's rollout split both cut steps by this rule."""
+    if isinstance(delimiter, int):
+        if tokens >= delimiter:
+            return "delimiter"
+    elif delimiter in step[-(len(piece) + len(delimiter)) :]:
+        return "delimiter"
+    return "step_cap" if tokens >= cap else None
+
+
 def ends_rollout(out: StepOutput, tokens_left: int, stop: Callable[[str], bool]) -> bool:
     """Whether a branch extended to its end stops after the step `out` (besides running out
     of step seeds): the model ended its answer, its tokens are spent, or `stop` accepts the

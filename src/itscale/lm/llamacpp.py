@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from itscale.errors import ItscaleError, UsageError
-from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout
+from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, step_end
 from itscale.lm.chat import CHATML, ChatTemplate
 from itscale.lm.models import DEFAULT_MODEL, MODELS, model_path
 from itscale.lm.sampling import candidate_logprobs, sample_token
@@ -717,12 +717,8 @@ class LlamaCppModel:
             b.tokens.append(token)
             piece = self._piece(token)
             w.step_bytes += piece
-            if isinstance(s.delimiter, int):
-                end = "delimiter" if w.new_tokens >= s.delimiter else None
-            elif s.delimiter.encode() in w.step_bytes[-(len(piece) + len(s.delimiter.encode())) :]:
-                end = "delimiter"
-            if end is None and w.new_tokens >= w.cap:
-                end = "step_cap"
+            delimiter = s.delimiter if isinstance(s.delimiter, int) else s.delimiter.encode()
+            end = step_end(w.step_bytes, piece, delimiter, w.new_tokens, w.cap)
             if len(b.tokens) >= self.n_ctx - 1:
                 end = "length"
             if end in ("delimiter", "step_cap") and _incomplete_utf8(w.step_bytes) and w.new_tokens < w.cap + 4:

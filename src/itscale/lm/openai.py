@@ -37,7 +37,7 @@ from typing import Any, Literal
 import httpx
 
 from itscale.errors import BackendError, UsageError
-from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, extend_step_by_step
+from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, extend_step_by_step, step_end
 from itscale.lm.chat import CHATML, ChatTemplate
 from itscale.types import Prompt
 
@@ -214,7 +214,6 @@ class OpenAIModel:
         seeds: Sequence[int],
         max_new_tokens: Sequence[int] | None = None,
     ) -> list[StepOutput]:
-        await self._ensure_ready()
         caps = [
             settings.step_token_cap if max_new_tokens is None else max(1, min(settings.step_token_cap, m))
             for m in (max_new_tokens or [0] * len(branches))
@@ -244,7 +243,6 @@ class OpenAIModel:
         split cannot be exact, and steps are requested one by one instead."""
         if not self.logprobs:
             return await extend_step_by_step(self, branches, settings, seeds, max_new_tokens, stop)
-        await self._ensure_ready()
         allowances = [max(1, m) for m in max_new_tokens]
         pairs = await self._continue(branches, settings, allowances, [s[0] for s in seeds], delimited=False)
         rollouts = [
@@ -261,6 +259,7 @@ class OpenAIModel:
     ) -> list[tuple[dict, dict]]:
         """A (choice, usage) continuation per branch; branches with the same text and cap
         (children of one parent, rollouts of one prompt) share a request (see `_sample`)."""
+        await self._ensure_ready()
         groups: dict[tuple, list[int]] = {}
         for i, b in enumerate(branches):
             assert isinstance(b, RemoteBranch)
@@ -277,7 +276,7 @@ class OpenAIModel:
         return pairs
 
     async def _sample(
-        self, branch: RemoteBranch, settings: StepSettings, cap: int, seeds: list[int], delimited: bool = True
+        self, branch: RemoteBranch, settings: StepSettings, cap: int, seeds: list[int], delimited: bool
     ) -> list[tuple[dict, dict]]:
         """`len(seeds)` continuations of one text, each a (choice, usage) pair whose usage
         counts the prompt once per request (on its first choice): one request with n when
@@ -305,7 +304,7 @@ class OpenAIModel:
         return _with_usage(choices[:1], usage)
 
     async def _complete(
-        self, branch: RemoteBranch, settings: StepSettings, cap: int, seed: int, n: int, delimited: bool = True
+        self, branch: RemoteBranch, settings: StepSettings, cap: int, seed: int, n: int, delimited: bool
     ) -> tuple[list[dict], dict]:
         payload: dict[str, Any] = {
             "model": self.model,
@@ -411,17 +410,11 @@ def _steps_from_tokens(
     """Token by token, as the engine ends steps: a token whose text completes the delimiter
     ends a step (the step keeps the whole token), so does the step cap; the last step ends
     as the request did ("eos" when the model ended its answer there)."""
-    delimiter = settings.delimiter
     steps: list[StepOutput] = []
     text, tokens, logprob = "", 0, 0.0
     for i, (piece, piece_logprob) in enumerate(pieces):
         text, tokens, logprob = text + piece, tokens + 1, logprob + (piece_logprob or 0.0)
-        if isinstance(delimiter, str):
-            end = "delimiter" if delimiter in text[-(len(piece) + len(delimiter)) :] else None
-        else:
-            end = "delimiter" if tokens >= delimiter else None
-        if end is None and tokens >= settings.step_token_cap:
-            end = "step_cap"
+        end = step_end(text, piece, settings.delimiter, tokens, settings.step_token_cap)
         if i == len(pieces) - 1 and (end is None or last_end == "eos"):
             end = last_end
         if end is not None:
