@@ -171,7 +171,17 @@ def test_a_second_writer_is_refused(tmp_path):
 
 
 def record(problem: str, budget: int = 1) -> dict:
-    return {"problem": problem, "algorithm": "greedy", "budget": budget, "seed": 0, "correct": True}
+    particles = [{"answer": "4", "score": None, "tokens": 10, "steps": 2, "end": "eos"}]
+    return {
+        "problem": problem,
+        "algorithm": "greedy",
+        "budget": budget,
+        "seed": 0,
+        "reference": "4",
+        "answer": "4",
+        "correct": True,
+        "particles": particles,
+    }
 
 
 def test_a_torn_last_line_is_dropped_and_cut_off(tmp_path):
@@ -305,6 +315,28 @@ def test_an_unfinished_run_is_reported_over_the_problems_every_cell_has():
     kept, left_out = complete_problems(done + in_progress)
     assert kept == done and left_out == 3
     assert complete_problems(done) == (done, 0)
+
+
+def test_any_right_counts_problems_where_some_particle_was_right_though_not_chosen():
+    usage = {"total_tokens": 10, "completion_tokens": 8, "reward_tokens": 0, "seconds": 1.0}
+
+    def graded(problem: str, seed: int, chosen: str, others: list[str]) -> dict:
+        particles = [{"answer": a, "score": 0.5, "tokens": 5, "steps": 1, "end": "eos"} for a in [chosen, *others]]
+        verdict = {"answer": chosen, "correct": chosen == "4", "particles": particles}
+        return {**record(problem), "seed": seed, "usage": usage, **verdict}
+
+    records = [
+        graded("p0", 0, "4", ["5"]),  # chosen right
+        graded("p1", 0, "5", ["4.0", None]),  # right only among the others, written differently
+        graded("p2", 0, "5", ["6", None]),  # nowhere right
+        graded("p3", 0, "5", ["4"]),  # right among the others on one seed of two
+        graded("p3", 1, "5", ["7"]),
+    ]
+    (row,) = summarise(records, ["greedy"])
+    assert row.accuracy == pytest.approx(1 / 4)
+    assert row.any_correct == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert "| greedy | 1 | 25.0% |" in markdown({"identity": {}, "runs": []}, [row], [])
+    assert "| 62.5% | 4 |" in markdown({"identity": {}, "runs": []}, [row], [])
 
 
 def test_the_report_lists_a_resumed_command_once_with_its_count():

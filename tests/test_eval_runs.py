@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from itscale.answers import is_equivalent
 from itscale.cli import main
 from itscale.eval import Backend, Plan, evaluate, load_dataset
 from itscale.eval.plan import Unit
@@ -206,6 +207,8 @@ def test_report_writes_table_json_and_readable_plots(finished, capsys):
         assert row["problems"] == len(mine) == 2
         assert row["accuracy"] == pytest.approx(sum(r["correct"] for r in mine) / 2)
         assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
+        right = [r["correct"] or any(is_equivalent(p["answer"], r["reference"]) for p in r["particles"]) for r in mine]
+        assert row["any_correct"] == pytest.approx(sum(right) / 2) and row["any_correct"] >= row["accuracy"]
         assert row["mean_tokens"] == pytest.approx(sum(r["usage"]["total_tokens"] for r in mine) / 2)
         assert row["sampled_from"] == ([2] if row["algorithm"] == "best-of-n" else [])
     markdown = (out / "report.md").read_text()

@@ -2,8 +2,10 @@
 
 One row per (algorithm, budget): accuracy over problems (a problem's score is its mean over
 seeds) with a 95% percentile-bootstrap interval (problems resampled, 10,000 times, fixed
-seed, so the report is reproducible), mean tokens and wall time per run, and where the row's
-answers came from: its own runs, or subsets of a shared larger run (sample reuse).
+seed, so the report is reproducible), how often any final particle was right (what a perfect
+selector would score: the gap to accuracy is the selection's loss, the gap to 100% the
+search's), mean tokens and wall time per run, and where the row's answers came from: its own
+runs, or subsets of a shared larger run (sample reuse).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from itscale.answers import is_equivalent
 from itscale.errors import UsageError
 from itscale.eval.store import RESULTS, OutputDir, write_json_atomic, write_text_atomic
 
@@ -37,6 +40,7 @@ class Row:
     accuracy: float
     ci_low: float
     ci_high: float
+    any_correct: float  # problems where some final particle's answer is right (mean over seeds)
     mean_tokens: float
     mean_completion_tokens: float
     mean_reward_tokens: float
@@ -72,8 +76,10 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
     rows = []
     for (algorithm, budget), group in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 1e9), kv[0])):
         per_problem: dict[str, list[float]] = defaultdict(list)
+        any_right: dict[str, list[float]] = defaultdict(list)
         for r in group:
             per_problem[r["problem"]].append(float(bool(r["correct"])))
+            any_right[r["problem"]].append(float(any_particle_right(r)))
         scores = np.array([np.mean(v) for v in per_problem.values()])
         low, high = bootstrap_interval(scores)
         usage = [r["usage"] for r in group]
@@ -86,6 +92,7 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
                 accuracy=float(scores.mean()),
                 ci_low=low,
                 ci_high=high,
+                any_correct=float(np.mean([np.mean(v) for v in any_right.values()])),
                 mean_tokens=float(np.mean([u["total_tokens"] for u in usage])),
                 mean_completion_tokens=float(np.mean([u["completion_tokens"] for u in usage])),
                 mean_reward_tokens=float(np.mean([u["reward_tokens"] for u in usage])),
@@ -96,6 +103,15 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
             )
         )
     return rows
+
+
+def any_particle_right(record: dict[str, Any]) -> bool:
+    """Whether some final particle's answer equals the reference. The chosen answer is one of
+    theirs, so a record graded right needs no regrading."""
+    if record["correct"]:
+        return True
+    answers = {p["answer"] for p in record["particles"]}
+    return any(is_equivalent(a, record["reference"]) for a in answers)
 
 
 def complete_problems(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -178,9 +194,9 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str]) -> str:
     lines += [f"    {command}" + (f"    # run {n} times" if n > 1 else "") for command, n in commands.items()]
     lines += [
         "",
-        "| algorithm | budget | accuracy | 95% CI | problems | mean tokens | mean generated | mean reward tokens "
-        "| mean seconds | samples |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| algorithm | budget | accuracy | 95% CI | any right | problems | mean tokens | mean generated "
+        "| mean reward tokens | mean seconds | samples |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         samples = f"reused from run of {', '.join(map(str, r.sampled_from))}" if r.sampled_from else "own run"
@@ -188,12 +204,17 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str]) -> str:
             samples += f" ({', '.join(r.rollouts_of)})"
         seconds = f"{r.mean_seconds:.1f}{'*' if r.seconds_estimated else ''}"
         lines.append(
-            f"| {r.algorithm} | {r.budget} | {r.accuracy:.1%} | {r.ci_low:.1%} – {r.ci_high:.1%} | {r.problems} "
+            f"| {r.algorithm} | {r.budget} | {r.accuracy:.1%} | {r.ci_low:.1%} – {r.ci_high:.1%} "
+            f"| {r.any_correct:.1%} | {r.problems} "
             f"| {r.mean_tokens:,.0f} | {r.mean_completion_tokens:,.0f} | {r.mean_reward_tokens:,.0f} "
             f"| {seconds} | {samples} |"
         )
     reused = sorted({r.algorithm for r in rows if r.sampled_from})
-    lines += ["", "Accuracy is over problems; the interval is a 95% bootstrap over problems."]
+    lines += [
+        "",
+        "Accuracy is over problems; the interval is a 95% bootstrap over problems. `any right`: problems where "
+        "some final particle (rollout) had the right answer, what a perfect choice among them would score.",
+    ]
     if reused:
         lines.append(
             f"Sample reuse: {', '.join(reused)} ran once per problem at the largest budget and each smaller "
@@ -220,6 +241,7 @@ def print_table(rows: list[Row]) -> None:
         Column("budget", justify="right", no_wrap=True),
         Column("accuracy", justify="right", no_wrap=True),
         Column("95% CI", no_wrap=True),
+        Column("any right", justify="right", no_wrap=True),
         Column("n", justify="right", no_wrap=True),
         Column("tokens", justify="right", no_wrap=True),
         Column("seconds", justify="right", no_wrap=True),
@@ -232,6 +254,7 @@ def print_table(rows: list[Row]) -> None:
             str(r.budget),
             f"{r.accuracy:.1%}",
             f"{r.ci_low:.1%} – {r.ci_high:.1%}",
+            f"{r.any_correct:.1%}",
             str(r.problems),
             f"{r.mean_tokens:,.0f}",
             f"{r.mean_seconds:.1f}{'*' if r.seconds_estimated else ''}",
