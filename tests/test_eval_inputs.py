@@ -348,3 +348,33 @@ def test_the_report_lists_a_resumed_command_once_with_its_count():
     text = markdown(config, summarise(records, ["greedy"]), [])
     listed = [line.strip() for line in text.splitlines() if line.startswith("    itscale")]
     assert listed == [" ".join(first) + "    # run 3 times", " ".join(grown)]
+
+
+# ------------------------------------------------------------------ the plots
+
+
+def test_many_algorithms_get_a_panel_each_below_the_overview(tmp_path):
+    import matplotlib.image
+
+    from itscale.eval.plots import SHADED_TOGETHER, plot_scaling
+    from itscale.eval.report import Row
+
+    def curve(algorithm: str, shift: float, tokens_per_budget: float) -> list[Row]:
+        return [
+            Row(algorithm, b, 20, 20, 0.3 + shift, 0.1 + shift, 0.5 + shift, 0.6, 300 + tokens_per_budget * b,
+                250.0, 0.0, 9.0, False, [], [])
+            for b in (1, 2, 4, 8)
+        ]  # fmt: skip
+
+    few = [*curve("greedy", 0.0, 0.0), *curve("best-of-n", 0.1, 300.0)]  # greedy: one x against tokens
+    many = few + [row for i in range(SHADED_TOGETHER) for row in curve(f"algorithm-{i}", 0.02 * i, 280.0)]
+    heights = {}
+    for name, rows in (("few", few), ("many", many)):
+        out = tmp_path / name
+        out.mkdir()
+        paths = plot_scaling(rows, out, title="test")
+        shapes = {matplotlib.image.imread(p).shape[:2] for p in paths.values()}
+        assert all(h > 600 and w > 1000 for h, w in shapes)
+        heights[name] = min(h for h, _ in shapes)
+        assert not list(out.glob(".*.tmp.png"))  # written atomically, nothing half-written left
+    assert heights["many"] > 1.5 * heights["few"]
