@@ -291,13 +291,14 @@ def test_a_killed_run_resumes_without_duplicates_or_losses(tmp_path, data_dir):
     assert set(keys(records)) == expected_keys(data_dir)
 
 
-def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, data_dir):
+@pytest.mark.parametrize("stop, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "kill"])
+def test_ctrl_c_or_kill_stops_cleanly_and_the_run_resumes(tmp_path, data_dir, stop, exit_code):
     results = tmp_path / "results.jsonl"
-    process = eval_process(tmp_path, limit=6)  # long enough that Ctrl-C comes mid-run
+    process = eval_process(tmp_path, limit=6)  # long enough that the signal comes mid-run
     wait_for_lines(results, 1, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == exit_code
     assert "run the same command to resume" in err and "Traceback" not in err
     data = results.read_bytes()
     assert data.endswith(b"\n")

@@ -148,9 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ItscaleError as error:
         print(f"itscale: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("itscale: interrupted", file=sys.stderr)
-        return 130
+        return getattr(stop, "exit_code", 130)
     except BrokenPipeError:  # `itscale report DIR | head`: the reader left, nothing to say
         sys.stderr.close()
         return 0

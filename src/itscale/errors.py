@@ -31,3 +31,9 @@ class BackendError(ItscaleError):
 
 class RewardError(ItscaleError):
     """A reward failed more often than the run allows."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during an evaluation: stops it as Ctrl-C does. CLI exit code 143 (128 + 15)."""
+
+    exit_code = 143

@@ -8,10 +8,14 @@ checked before a model is opened; each is a one-line error with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
-from itscale.errors import UsageError
+from itscale.errors import Terminated, UsageError
 from itscale.eval.datasets import load_dataset
 from itscale.eval.plan import Backend, Plan, parse_algorithms, parse_budgets, parse_seeds, split_options
 
@@ -138,16 +142,17 @@ def _eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        summary = evaluate(
-            plan,
-            args.out,
-            executor=args.executor,
-            workers=args.workers,
-            progress=not args.no_progress,
-            command=command_line(args),
-            ray_address=args.ray_address,
-            ray_cpus=args.ray_cpus,
-        )
+        with _terminate_stops_like_ctrl_c():
+            summary = evaluate(
+                plan,
+                args.out,
+                executor=args.executor,
+                workers=args.workers,
+                progress=not args.no_progress,
+                command=command_line(args),
+                ray_address=args.ray_address,
+                ray_cpus=args.ray_cpus,
+            )
     except KeyboardInterrupt:
         print(
             f"itscale: stopped; finished records are saved in {args.out}: run the same command to resume",
@@ -160,6 +165,25 @@ def _eval(args: argparse.Namespace) -> int:
         f"{summary.out}/results.jsonl{torn}; `itscale report {summary.out}` makes the table and plots"
     )
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_stops_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a scheduler pre-empting the job) stops an evaluation the way
+    Ctrl-C does: the run in progress is abandoned, every finished record stays, the same
+    command resumes. Without this, Python dies at once on SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report(args: argparse.Namespace) -> int:

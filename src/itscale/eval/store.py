@@ -7,7 +7,8 @@
     DIR/.lock          held while an evaluation writes, so two cannot interleave
 
 A batch of records goes to results.jsonl in one `write` of complete lines followed by fsync,
-with SIGINT held back meanwhile: Ctrl-C never leaves half a line. Only a kill (or a full disk)
+with SIGINT and SIGTERM held back meanwhile: Ctrl-C or `kill` never leaves half a line. Only
+SIGKILL (or a full disk)
 can, and then only at the very end of the file; `ResultStore.load` drops such a torn last line
 (the record is simply run again) and truncates the file before anything is appended. A damaged
 line anywhere else is not a crash artefact, so it is an error rather than silently skipped.
@@ -74,7 +75,7 @@ class ResultStore:
         if not records:
             return
         data = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records).encode()
-        with _sigint_held(), open(self.path, "ab") as f:
+        with _stop_signals_held(), open(self.path, "ab") as f:
             view = memoryview(data)
             while view:  # a regular file takes it in one write unless the disk is full
                 view = view[os.write(f.fileno(), view) :]
@@ -82,12 +83,12 @@ class ResultStore:
 
 
 @contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Defers Ctrl-C until the block is done (only the main thread receives it)."""
+def _stop_signals_held() -> Iterator[None]:
+    """Defers Ctrl-C and SIGTERM until the block is done (only the main thread handles them)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
