@@ -14,7 +14,14 @@ from itscale.cli import main
 from itscale.errors import UsageError
 from itscale.eval.datasets import default_data_dir, load_dataset
 from itscale.eval.plan import Backend, Plan, parse_budgets
-from itscale.eval.report import bootstrap_interval, complete_problems, markdown, summarise
+from itscale.eval.report import (
+    bootstrap_interval,
+    comparison_tables,
+    complete_problems,
+    markdown,
+    paired_differences,
+    summarise,
+)
 from itscale.eval.store import OutputDir, ResultStore
 from itscale.search import algorithm_names, make_algorithm
 from itscale.search.core import SearchSettings
@@ -181,6 +188,7 @@ def record(problem: str, budget: int = 1) -> dict:
         "answer": "4",
         "correct": True,
         "particles": particles,
+        "usage": {"total_tokens": 10, "completion_tokens": 8, "reward_tokens": 0, "seconds": 1.0},
     }
 
 
@@ -318,12 +326,11 @@ def test_an_unfinished_run_is_reported_over_the_problems_every_cell_has():
 
 
 def test_any_right_counts_problems_where_some_particle_was_right_though_not_chosen():
-    usage = {"total_tokens": 10, "completion_tokens": 8, "reward_tokens": 0, "seconds": 1.0}
 
     def graded(problem: str, seed: int, chosen: str, others: list[str]) -> dict:
         particles = [{"answer": a, "score": 0.5, "tokens": 5, "steps": 1, "end": "eos"} for a in [chosen, *others]]
         verdict = {"answer": chosen, "correct": chosen == "4", "particles": particles}
-        return {**record(problem), "seed": seed, "usage": usage, **verdict}
+        return {**record(problem), "seed": seed, **verdict}
 
     records = [
         graded("p0", 0, "4", ["5"]),  # chosen right
@@ -339,9 +346,44 @@ def test_any_right_counts_problems_where_some_particle_was_right_though_not_chos
     assert "| 62.5% | 4 |" in markdown({"identity": {}, "runs": []}, [row], [])
 
 
+def test_paired_differences_tell_what_overlapping_intervals_cannot():
+    def scored(problem: str, algorithm: str, budget: int, correct: bool, seed: int = 0) -> dict:
+        return {**record(problem, budget), "algorithm": algorithm, "seed": seed, "correct": correct}
+
+    # 40 problems; at budget 4 "b" solves the first 12, "a" those and 4 more: 30% against 40%,
+    # intervals that overlap, and a difference no resampling of the problems can reverse.
+    problems = [f"p{i}" for i in range(40)]
+    records = [scored(p, "b", 4, i < 12) for i, p in enumerate(problems)]
+    records += [scored(p, "a", 4, i < 16) for i, p in enumerate(problems)]
+    # At budget 8 they differ both ways on 10 problems each: no difference.
+    records += [scored(p, "b", 8, i < 10) for i, p in enumerate(problems)]
+    records += [scored(p, "a", 8, 10 <= i < 20) for i, p in enumerate(problems)]
+    # "c" exists only at budget 4, on two seeds of which one is right: a problem's score is 0.5.
+    records += [scored(p, "c", 4, seed == 0, seed) for p in problems for seed in (0, 1)]
+
+    rows = {(r.algorithm, r.budget): r for r in summarise(records, ["a", "b", "c"])}
+    assert rows[("a", 4)].ci_low < rows[("b", 4)].ci_high  # the rows alone cannot tell
+    differences = {(d.other, d.budget): d for d in paired_differences(records, ["a"], ["c", "b", "a"])}
+    assert set(differences) == {("b", 4), ("b", 8), ("c", 4)}
+    clear, none, seeds = differences[("b", 4)], differences[("b", 8)], differences[("c", 4)]
+    assert clear.problems == 40 and clear.difference == pytest.approx(0.1) and clear.ci_low > 0
+    assert none.difference == pytest.approx(0.0) and none.ci_low < 0 < none.ci_high
+    assert seeds.difference == pytest.approx(16 / 40 - 0.5)
+    tables = "\n".join(comparison_tables(list(differences.values())))
+    assert "| budget | vs c | vs b |" in tables  # columns in the given algorithm order
+    assert "| 4 | " in tables and "+10.0 (" in tables and tables.count("**") == 2  # one flagged cell + legend
+
+
+def test_report_compare_names_an_algorithm_the_directory_has(tmp_path, capsys):
+    out = OutputDir(tmp_path)
+    out.record({}, {"command": ["itscale"], "grid": {"algorithms": ["greedy"]}})
+    out.results.append([record("p0")])
+    code, err = run_cli(capsys, "report", str(tmp_path), "--compare", "particle-filter")
+    assert code == 2 and "--compare particle-filter" in err and "greedy" in err and len(err.splitlines()) == 1
+
+
 def test_the_report_lists_a_resumed_command_once_with_its_count():
-    usage = {"total_tokens": 10, "completion_tokens": 8, "reward_tokens": 0, "seconds": 1.0}
-    records = [{**record(p), "usage": usage} for p in ("p0", "p1")]
+    records = [record(p) for p in ("p0", "p1")]
     first = ["itscale", "eval", "--dataset", "gsm8k", "--budgets", "1"]
     grown = [*first[:-1], "1,2"]
     config = {"identity": {}, "grid": {}, "runs": [{"command": c} for c in (first, first, first, grown)]}

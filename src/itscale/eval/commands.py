@@ -73,6 +73,14 @@ def add_commands(subparsers: Any) -> None:
 
     report = subparsers.add_parser("report", help="accuracy table and scaling plots of an eval directory")
     report.add_argument("directory", help="the --out directory of `itscale eval`")
+    report.add_argument(
+        "--compare",
+        type=_names,
+        default=None,
+        metavar="ALGORITHMS",
+        help="algorithms set against every other, paired over problems (comma-separated; "
+        "default: particle-filter when present; '' for none)",
+    )
     report.set_defaults(handler=_report)
 
 
@@ -186,10 +194,14 @@ def _terminate_stops_like_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _report(args: argparse.Namespace) -> int:
     from itscale.eval.report import print_table, write_report
 
-    rows, paths = write_report(args.directory)
+    rows, paths = write_report(args.directory, compare=args.compare)
     print_table(rows)
     for path in paths.values():
         print(path)

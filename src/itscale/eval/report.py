@@ -6,6 +6,11 @@ seed, so the report is reproducible), how often any final particle was right (wh
 selector would score: the gap to accuracy is the selection's loss, the gap to 100% the
 search's), mean tokens and wall time per run, and where the row's answers came from: its own
 runs, or subsets of a shared larger run (sample reuse).
+
+Rows over the same problems have overlapping intervals long before their difference is
+noise: the report also compares chosen algorithms (particle filtering, by default) with
+every other at each budget, paired over problems (the difference of per-problem scores,
+with its own bootstrap interval), which is the test that says whether one beat the other.
 """
 
 from __future__ import annotations
@@ -114,6 +119,50 @@ def any_particle_right(record: dict[str, Any]) -> bool:
     return any(is_equivalent(a, record["reference"]) for a in answers)
 
 
+@dataclass
+class Difference:
+    """`algorithm` minus `other` at `budget`: mean over problems of the per-problem score
+    difference, with a 95% paired bootstrap interval."""
+
+    algorithm: str
+    other: str
+    budget: int
+    problems: int
+    difference: float
+    ci_low: float
+    ci_high: float
+
+
+DEFAULT_COMPARED = ("particle-filter",)
+
+
+def paired_differences(records: list[dict[str, Any]], compared: list[str], algorithms: list[str]) -> list[Difference]:
+    """Each of `compared` against every other algorithm (in the order of `algorithms`) at
+    every budget both have, over the problems both have (a problem's score: its mean over
+    seeds)."""
+    scores: dict[tuple[str, int], dict[str, float]] = {}
+    for cell, group in cells_of(records).items():
+        per_problem: dict[str, list[float]] = defaultdict(list)
+        for r in group:
+            per_problem[r["problem"]].append(float(bool(r["correct"])))
+        scores[cell] = {problem: float(np.mean(v)) for problem, v in per_problem.items()}
+    differences = []
+    order = {a: i for i, a in enumerate(algorithms)}
+    cells = sorted(scores.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0]))
+    for algorithm in compared:
+        for (other, budget), theirs in cells:
+            mine = scores.get((algorithm, budget))
+            if other == algorithm or mine is None:
+                continue
+            common = sorted(mine.keys() & theirs.keys())
+            if not common:
+                continue
+            delta = np.array([mine[p] - theirs[p] for p in common])
+            low, high = bootstrap_interval(delta)
+            differences.append(Difference(algorithm, other, budget, len(common), float(delta.mean()), low, high))
+    return differences
+
+
 def complete_problems(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """The records of the problems every (algorithm, budget) cell has, and how many records
     of other problems were left out: rows of an unfinished run then compare the same
@@ -142,15 +191,24 @@ def algorithm_order(config: dict[str, Any]) -> list[str]:
     return list(names)
 
 
-def write_report(directory: str | Path) -> tuple[list[Row], dict[str, Path]]:
+def write_report(directory: str | Path, compare: list[str] | None = None) -> tuple[list[Row], dict[str, Path]]:
     """Writes report.md, report.json and the plots into `directory`; returns the rows and
-    the files' paths."""
+    the files' paths. `compare`: the algorithms set against every other, paired over problems
+    (default: particle filtering, where the directory has it; [] for none)."""
     path = Path(directory)
     config, records = load(path)
     records, left_out = complete_problems(records)
     if not records:
         raise UsageError(f"no problem in {path} has records for every algorithm and budget yet: let the run go on")
-    rows = summarise(records, algorithm_order(config))
+    present = {r["algorithm"] for r in records}
+    if compare is None:
+        compare = [a for a in DEFAULT_COMPARED if a in present]
+    for name in compare:
+        if name not in present:
+            raise UsageError(f"--compare {name}: {path} has no records of it; it has {', '.join(sorted(present))}")
+    algorithms = algorithm_order(config)
+    rows = summarise(records, algorithms)
+    differences = paired_differences(records, compare, algorithms)
     notes = [TOKEN_NOTE]
     if left_out:
         notes.insert(
@@ -159,8 +217,14 @@ def write_report(directory: str | Path) -> tuple[list[Row], dict[str, Path]]:
             "are left out, so every row is over the same problems.",
         )
     paths = {"markdown": path / "report.md", "json": path / "report.json"}
-    write_json_atomic(paths["json"], {"config": config, "rows": [asdict(r) for r in rows], "notes": notes})
-    write_text_atomic(paths["markdown"], markdown(config, rows, notes))
+    report = {
+        "config": config,
+        "rows": [asdict(r) for r in rows],
+        "differences": [asdict(d) for d in differences],
+        "notes": notes,
+    }
+    write_json_atomic(paths["json"], report)
+    write_text_atomic(paths["markdown"], markdown(config, rows, notes, differences))
     from itscale.eval.plots import plot_scaling
 
     paths.update(plot_scaling(rows, path, title=_title(config)))
@@ -175,7 +239,7 @@ def _title(config: dict[str, Any]) -> str:
     return f"{dataset} · {name} · reward {identity.get('reward')}"
 
 
-def markdown(config: dict[str, Any], rows: list[Row], notes: list[str]) -> str:
+def markdown(config: dict[str, Any], rows: list[Row], notes: list[str], differences: list[Difference] = ()) -> str:
     identity = config.get("identity", {})
     settings = identity.get("settings", {})
     dataset = identity.get("dataset", {})
@@ -228,8 +292,43 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str]) -> str:
         )
     for note in notes:
         lines += ["", note]
+    lines += comparison_tables(differences)
     lines.append("")
     return "\n".join(lines)
+
+
+def comparison_tables(differences: list[Difference]) -> list[str]:
+    """One Markdown table per compared algorithm: a row per budget, a column per other
+    algorithm, each cell the difference in points with its 95% paired interval."""
+    lines = []
+    for algorithm in dict.fromkeys(d.algorithm for d in differences):
+        mine = [d for d in differences if d.algorithm == algorithm]
+        others = list(dict.fromkeys(d.other for d in mine))
+        cell = {(d.budget, d.other): d for d in mine}
+        lines += [
+            "",
+            f"## {algorithm} against the others, paired over problems",
+            "",
+            f"Accuracy of {algorithm} minus that of each other algorithm at the same budget, in points, over "
+            "the problems both have, with a 95% paired bootstrap interval; an interval that excludes 0 is a "
+            "difference these problems can tell.",
+            "",
+            "| budget | " + " | ".join(f"vs {o}" for o in others) + " |",
+            "| ---: |" + " --- |" * len(others),
+        ]
+        for budget in sorted({d.budget for d in mine}):
+            texts = []
+            for other in others:
+                d = cell.get((budget, other))
+                texts.append(
+                    ""
+                    if d is None
+                    else f"{100 * d.difference:+.1f} ({100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f})"
+                    + (" **" if d.ci_low > 0 or d.ci_high < 0 else "")
+                )
+            lines.append(f"| {budget} | " + " | ".join(texts) + " |")
+        lines += ["", "**: the interval excludes 0."]
+    return lines
 
 
 def print_table(rows: list[Row]) -> None:
