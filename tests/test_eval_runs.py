@@ -313,6 +313,18 @@ def test_ctrl_c_or_kill_stops_cleanly_and_the_run_resumes(tmp_path, data_dir, st
     assert len(records) == len(set(keys(records))) == 24 and set(keys(records)) == expected_keys(data_dir, 6)
 
 
+def test_a_run_without_a_terminal_logs_a_line_per_finished_run(tmp_path, data_dir):
+    command = [word for word in eval_command(tmp_path, "greedy", 2) if word != "--no-progress"]
+    done = subprocess.run([sys.executable, "-m", "itscale.cli", *command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "records, ETA ~" in line]
+    problems = [p.id for p in load_dataset("gsm8k", data_dir).problems[:2]]
+    # Greedy runs once per problem and is recorded at both budgets: a line each, in order.
+    assert len(lines) == 2
+    for line, problem, count in zip(lines, problems, (2, 4), strict=True):
+        assert f" {problem} seed 0: greedy@1 " in line and ", greedy@2 " in line and f"| {count}/4 records" in line
+
+
 def test_a_torn_last_line_is_redone(engine, data_dir, tmp_path):
     plan = plan_for(data_dir, ["greedy"], [1], limit=2)
     evaluate(plan, tmp_path, lm=engine, progress=False)

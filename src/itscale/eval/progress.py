@@ -1,7 +1,13 @@
-"""A progress bar per (algorithm, budget) on stderr: records done, accuracy so far, ETA."""
+"""A progress bar per (algorithm, budget) on stderr: records done, accuracy so far, ETA.
+
+On a stderr that is not a terminal (a log file of a run in the background, CI) live bars
+draw nothing until the end, so each finished run prints one plain line instead: what it
+was, its verdicts, how much of the grid is done, and a rough overall ETA.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,9 +38,15 @@ class EvalProgress:
             console=Console(stderr=True),
             disable=not enabled,
         )
+        self.console = self.progress.console
+        self.plain = enabled and not self.console.is_terminal
+        self.started = time.monotonic()
+        wanted = set(plan.keys())
+        self.total = len(wanted)
+        self.done = sum(k in wanted for k in done)
+        self.done_here = 0
         self.tasks: dict[tuple[str, int], Any] = {}
         self.scores: dict[tuple[str, int], list[int]] = {}
-        wanted = set(plan.keys())
         total = len(plan.problems) * len(plan.seeds)
         for algorithm in plan.algorithms:
             for budget in plan.budgets:
@@ -57,6 +69,7 @@ class EvalProgress:
         self.progress.stop()
 
     def advance(self, records: Iterable[dict[str, Any]]) -> None:
+        records = list(records)
         for r in records:
             cell = (r["algorithm"], r["budget"])
             if cell not in self.tasks:
@@ -64,3 +77,28 @@ class EvalProgress:
             self.scores[cell][0] += bool(r["correct"])
             self.scores[cell][1] += 1
             self.progress.update(self.tasks[cell], advance=1, accuracy=self._accuracy(cell))
+        if self.plain and records:
+            self._log(records)
+
+    def _log(self, records: list[dict[str, Any]]) -> None:
+        """One line for a finished run (its records share a problem and a seed)."""
+        self.done += len(records)
+        self.done_here += len(records)
+        elapsed = time.monotonic() - self.started
+        left = (self.total - self.done) * elapsed / self.done_here
+        cells = ", ".join(f"{r['algorithm']}@{r['budget']} {'right' if r['correct'] else 'wrong'}" for r in records)
+        first = records[0]
+        self.console.print(
+            f"{time.strftime('%H:%M:%S')} {first['problem']} seed {first['seed']}: {cells} | "
+            f"{self.done}/{self.total} records, ETA ~{_duration(left)}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "<1m"
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
