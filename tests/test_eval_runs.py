@@ -20,6 +20,7 @@ from itscale.answers import is_equivalent
 from itscale.cli import main
 from itscale.eval import Backend, Plan, evaluate, load_dataset
 from itscale.eval.plan import Unit
+from itscale.eval.progress import EvalProgress
 from itscale.eval.runner import Job, run_unit
 from itscale.lm.llamacpp import LlamaCppModel
 from itscale.rewards.registry import make_reward
@@ -323,6 +324,28 @@ def test_a_run_without_a_terminal_logs_a_line_per_finished_run(tmp_path, data_di
     assert len(lines) == 2
     for line, problem, count in zip(lines, problems, (2, 4), strict=True):
         assert f" {problem} seed 0: greedy@1 " in line and ", greedy@2 " in line and f"| {count}/4 records" in line
+
+
+def test_the_logged_eta_weighs_runs_by_their_particles(data_dir, monkeypatch, capsys):
+    plan = plan_for(data_dir, ["greedy", "particle-filter"], [1, 4], limit=1)
+    units = plan.units({})
+    runs = [(u.algorithm, u.run_budget) for u in units]
+    assert runs == [("greedy", 1), ("particle-filter", 1), ("particle-filter", 4)]
+    clock = iter([0.0, 600.0, 1200.0])
+    monkeypatch.setattr("itscale.eval.progress.time.monotonic", lambda: next(clock))
+    bars = EvalProgress(plan, {}, units)
+    problem = plan.problems[0].id
+
+    def finish(algorithm: str, *budgets: int) -> str:
+        key = {"problem": problem, "algorithm": algorithm, "seed": 0, "correct": False}
+        records = [{**key, "budget": b} for b in budgets]
+        bars.advance(records)
+        return capsys.readouterr().err
+
+    # Greedy (one sample, two records) took 10 minutes: 5 particles of runs are left, 50
+    # minutes. By records (2 of 4 done) it would say 10.
+    assert "| 2/4 records, ETA ~50m" in finish("greedy", 1, 4)
+    assert "| 3/4 records, ETA ~40m" in finish("particle-filter", 1)
 
 
 def test_a_torn_last_line_is_redone(engine, data_dir, tmp_path):

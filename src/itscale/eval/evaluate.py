@@ -68,7 +68,7 @@ def evaluate(
         summary = Summary(directory.path, len(done), 0, directory.results.dropped_torn_line)
         units = plan.units(done)
         job = Job(plan.settings, plan.reward, plan.options)
-        with EvalProgress(plan, done, enabled=progress) as bars:
+        with EvalProgress(plan, done, units, enabled=progress) as bars:
 
             def sink(records: list[dict[str, Any]]) -> None:
                 directory.results.append(records)

@@ -3,6 +3,11 @@
 On a stderr that is not a terminal (a log file of a run in the background, CI) live bars
 draw nothing until the end, so each finished run prints one plain line instead: what it
 was, its verdicts, how much of the grid is done, and a rough overall ETA.
+
+The ETA weighs each run still to do by the particles it holds (`Unit.run_budget`): a grid's
+runs differ in cost by its largest budget (greedy is one sample, a search at 16 sixteen), so
+time per record, which depends on which runs happened to finish, swings by hours on a long
+study.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from itscale.eval.plan import Plan
+from itscale.eval.plan import Plan, Unit
 from itscale.eval.store import Key
 
 
 class EvalProgress:
-    def __init__(self, plan: Plan, done: dict[Key, dict[str, Any]], enabled: bool = True):
+    def __init__(self, plan: Plan, done: dict[Key, dict[str, Any]], units: list[Unit], enabled: bool = True):
         self.progress = Progress(
             TextColumn("{task.description:<32}"),
             BarColumn(),
@@ -44,7 +49,14 @@ class EvalProgress:
         wanted = set(plan.keys())
         self.total = len(wanted)
         self.done = sum(k in wanted for k in done)
-        self.done_here = 0
+        self.weight_of = {
+            (unit.problem.id, algorithm, budget, unit.seed): unit.run_budget
+            for unit in units
+            for algorithm, budgets in unit.picks
+            for budget in budgets
+        }
+        self.weight_left = sum(unit.run_budget for unit in units)
+        self.weight_done = 0
         self.tasks: dict[tuple[str, int], Any] = {}
         self.scores: dict[tuple[str, int], list[int]] = {}
         total = len(plan.problems) * len(plan.seeds)
@@ -83,11 +95,13 @@ class EvalProgress:
     def _log(self, records: list[dict[str, Any]]) -> None:
         """One line for a finished run (its records share a problem and a seed)."""
         self.done += len(records)
-        self.done_here += len(records)
-        elapsed = time.monotonic() - self.started
-        left = (self.total - self.done) * elapsed / self.done_here
-        cells = ", ".join(f"{r['algorithm']}@{r['budget']} {'right' if r['correct'] else 'wrong'}" for r in records)
         first = records[0]
+        weight = self.weight_of.get((first["problem"], first["algorithm"], first["budget"], first["seed"]), 0)
+        self.weight_done += weight
+        self.weight_left -= weight
+        elapsed = time.monotonic() - self.started
+        left = self.weight_left * elapsed / max(self.weight_done, 1)
+        cells = ", ".join(f"{r['algorithm']}@{r['budget']} {'right' if r['correct'] else 'wrong'}" for r in records)
         self.console.print(
             f"{time.strftime('%H:%M:%S')} {first['problem']} seed {first['seed']}: {cells} | "
             f"{self.done}/{self.total} records, ETA ~{_duration(left)}",
