@@ -372,6 +372,8 @@ def test_paired_differences_tell_what_overlapping_intervals_cannot():
     tables = "\n".join(comparison_tables(list(differences.values())))
     assert "| budget | vs c | vs b |" in tables  # columns in the given algorithm order
     assert "| 4 | " in tables and "+10.0 (" in tables and tables.count("**") == 2  # one flagged cell + legend
+    # The legend says how many cells are flagged and how many chance alone would flag.
+    assert "(1 of 3 here)" in tables and "about 0.1 of 3 would exclude 0 by chance" in tables
 
 
 def test_report_compare_names_an_algorithm_the_directory_has(tmp_path, capsys):

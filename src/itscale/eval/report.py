@@ -324,11 +324,22 @@ def comparison_tables(differences: list[Difference]) -> list[str]:
                     ""
                     if d is None
                     else f"{100 * d.difference:+.1f} ({100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f})"
-                    + (" **" if d.ci_low > 0 or d.ci_high < 0 else "")
+                    + (" **" if _excludes_zero(d) else "")
                 )
             lines.append(f"| {budget} | " + " | ".join(texts) + " |")
-        lines += ["", "**: the interval excludes 0."]
+        # Each interval is 95% on its own, not jointly: a table of many comparisons has some
+        # ** by chance alone, and a reader should know how many to expect.
+        flagged = sum(_excludes_zero(d) for d in mine)
+        lines += [
+            "",
+            f"**: the interval excludes 0 ({flagged} of {len(mine)} here). Each interval is 95% on its own: "
+            f"if nothing differed, about {len(mine) / 20:.1f} of {len(mine)} would exclude 0 by chance.",
+        ]
     return lines
+
+
+def _excludes_zero(d: Difference) -> bool:
+    return d.ci_low > 0 or d.ci_high < 0
 
 
 def print_table(rows: list[Row]) -> None:
