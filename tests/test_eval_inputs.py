@@ -394,6 +394,28 @@ def test_the_report_lists_a_resumed_command_once_with_its_count():
     assert listed == [" ".join(first) + "    # run 3 times", " ".join(grown)]
 
 
+def test_the_selection_table_tells_the_search_from_the_choice():
+    def run(problem: str, chosen: str, others: list[str], capped: int = 0) -> dict:
+        answers = [chosen, *others]
+        ends = ["length"] * capped + ["eos"] * (len(answers) - capped)
+        pairs = zip(answers, ends, strict=True)
+        particles = [{"answer": a, "score": 0.5, "tokens": 5, "steps": 1, "end": e} for a, e in pairs]
+        return {**record(problem), "answer": chosen, "correct": chosen == "4", "particles": particles}
+
+    records = [
+        run("p0", "5", ["4", "4.0", None]),  # the reward chose a minority answer: the vote is right
+        run("p1", "4", ["5", "5"], capped=1),  # chosen right, outvoted
+        run("p2", "7", ["7", "7", "7"], capped=4),  # concentrated on one wrong answer
+    ]
+    (row,) = summarise(records, ["greedy"])
+    assert (row.accuracy, row.vote_correct, row.any_correct) == pytest.approx((1 / 3, 1 / 3, 2 / 3))
+    assert row.distinct_answers == pytest.approx((2 + 2 + 1) / 3)  # "4" and "4.0" are one answer
+    assert row.capped == pytest.approx(5 / 11)
+    text = markdown({"identity": {}, "runs": []}, [row], [])
+    assert "## What the final particles held" in text
+    assert "| greedy | 1 | 33.3% | 33.3% | 66.7% | 1.7 | 45% |" in text
+
+
 # ------------------------------------------------------------------ the plots
 
 
@@ -405,8 +427,8 @@ def test_many_algorithms_get_a_panel_each_below_the_overview(tmp_path):
 
     def curve(algorithm: str, shift: float, tokens_per_budget: float) -> list[Row]:
         return [
-            Row(algorithm, b, 20, 20, 0.3 + shift, 0.1 + shift, 0.5 + shift, 0.6, 300 + tokens_per_budget * b,
-                250.0, 0.0, 9.0, False, [], [])
+            Row(algorithm, b, 20, 20, 0.3 + shift, 0.1 + shift, 0.5 + shift, 0.6, 0.4, 3.0, 0.1,
+                300 + tokens_per_budget * b, 250.0, 0.0, 9.0, False, [], [])
             for b in (1, 2, 4, 8)
         ]  # fmt: skip
 

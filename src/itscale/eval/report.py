@@ -7,6 +7,12 @@ selector would score: the gap to accuracy is the selection's loss, the gap to 10
 search's), mean tokens and wall time per run, and where the row's answers came from: its own
 runs, or subsets of a shared larger run (sample reuse).
 
+A second table tells the search from the choice: for each row, what its final particles
+held. A plain vote over them (did the search find the answer the particles agree on?), how
+many distinct answers they held (a search that concentrates its particles has few), and how
+many ended on the token cap (cut short, not wrong by reasoning). When `any right` is far
+above accuracy the selector, not the search, is what loses.
+
 Rows over the same problems have overlapping intervals long before their difference is
 noise: the report also compares chosen algorithms (particle filtering, by default) with
 every other at each budget, paired over problems (the difference of per-problem scores,
@@ -22,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from itscale.answers import is_equivalent
+from itscale.answers import is_equivalent, majority
 from itscale.errors import UsageError
 from itscale.eval.store import RESULTS, OutputDir, write_json_atomic, write_text_atomic
 
@@ -46,6 +52,9 @@ class Row:
     ci_low: float
     ci_high: float
     any_correct: float  # problems where some final particle's answer is right (mean over seeds)
+    vote_correct: float  # problems where a plain vote over the final particles is right (mean over seeds)
+    distinct_answers: float  # distinct answers (equivalents pooled) among a run's final particles, mean
+    capped: float  # share of final particles that ended on the token cap (end "length")
     mean_tokens: float
     mean_completion_tokens: float
     mean_reward_tokens: float
@@ -82,9 +91,15 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
     for (algorithm, budget), group in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 1e9), kv[0])):
         per_problem: dict[str, list[float]] = defaultdict(list)
         any_right: dict[str, list[float]] = defaultdict(list)
+        vote_right: dict[str, list[float]] = defaultdict(list)
+        distinct, ends = [], []
         for r in group:
             per_problem[r["problem"]].append(float(bool(r["correct"])))
             any_right[r["problem"]].append(float(any_particle_right(r)))
+            winner, votes = majority([p["answer"] for p in r["particles"]])
+            vote_right[r["problem"]].append(float(winner is not None and is_equivalent(winner, r["reference"])))
+            distinct.append(len(votes))
+            ends += [p.get("end") == "length" for p in r["particles"]]
         scores = np.array([np.mean(v) for v in per_problem.values()])
         low, high = bootstrap_interval(scores)
         usage = [r["usage"] for r in group]
@@ -98,6 +113,9 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
                 ci_low=low,
                 ci_high=high,
                 any_correct=float(np.mean([np.mean(v) for v in any_right.values()])),
+                vote_correct=float(np.mean([np.mean(v) for v in vote_right.values()])),
+                distinct_answers=float(np.mean(distinct)),
+                capped=float(np.mean(ends)) if ends else 0.0,
                 mean_tokens=float(np.mean([u["total_tokens"] for u in usage])),
                 mean_completion_tokens=float(np.mean([u["completion_tokens"] for u in usage])),
                 mean_reward_tokens=float(np.mean([u["reward_tokens"] for u in usage])),
@@ -292,9 +310,32 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str], differen
         )
     for note in notes:
         lines += ["", note]
+    lines += selection_table(rows)
     lines += comparison_tables(differences)
     lines.append("")
     return "\n".join(lines)
+
+
+def selection_table(rows: list[Row]) -> list[str]:
+    """What each row's final particles held: the search's part of the result, apart from the choice."""
+    lines = [
+        "",
+        "## What the final particles held",
+        "",
+        "`chosen`: the algorithm's answer (the accuracy above); `plain vote`: a majority vote over the final "
+        "particles' answers, equivalent answers pooled; `any right`: some particle right; `distinct answers`: "
+        "per run, mean; `at token cap`: final particles that ended on max_tokens. A search that concentrates "
+        "its particles has few distinct answers; `any right` far above `chosen` is the selector's loss.",
+        "",
+        "| algorithm | budget | chosen | plain vote | any right | distinct answers | at token cap |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r.algorithm} | {r.budget} | {r.accuracy:.1%} | {r.vote_correct:.1%} | {r.any_correct:.1%} "
+        f"| {r.distinct_answers:.1f} | {r.capped:.0%} |"
+        for r in rows
+    ]
+    return lines
 
 
 def comparison_tables(differences: list[Difference]) -> list[str]:
