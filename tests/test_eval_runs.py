@@ -318,7 +318,7 @@ def test_a_run_without_a_terminal_logs_a_line_per_finished_run(tmp_path, data_di
     command = [word for word in eval_command(tmp_path, "greedy", 2) if word != "--no-progress"]
     done = subprocess.run([sys.executable, "-m", "itscale.cli", *command], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    lines = [line for line in done.stderr.splitlines() if "records, ETA ~" in line]
+    lines = [line for line in done.stderr.splitlines() if "/4 records, " in line]
     problems = [p.id for p in load_dataset("gsm8k", data_dir).problems[:2]]
     # Greedy runs once per problem and is recorded at both budgets: a line each, in order.
     assert len(lines) == 2
@@ -326,26 +326,34 @@ def test_a_run_without_a_terminal_logs_a_line_per_finished_run(tmp_path, data_di
         assert f" {problem} seed 0: greedy@1 " in line and ", greedy@2 " in line and f"| {count}/4 records" in line
 
 
-def test_the_logged_eta_weighs_runs_by_their_particles(data_dir, monkeypatch, capsys):
+def test_etas_come_from_the_schedule_weighed_by_particles(data_dir, monkeypatch, capsys):
     plan = plan_for(data_dir, ["greedy", "particle-filter"], [1, 4], limit=1)
     units = plan.units({})
     runs = [(u.algorithm, u.run_budget) for u in units]
     assert runs == [("greedy", 1), ("particle-filter", 1), ("particle-filter", 4)]
-    clock = iter([0.0, 600.0, 1200.0])
-    monkeypatch.setattr("itscale.eval.progress.time.monotonic", lambda: next(clock))
+    now = [0.0]
+    monkeypatch.setattr("itscale.eval.progress.time.monotonic", lambda: now[0])
     bars = EvalProgress(plan, {}, units)
     problem = plan.problems[0].id
+    assert bars.eta() == "-"  # nothing finished: no rate yet
 
-    def finish(algorithm: str, *budgets: int) -> str:
+    def finish(at: float, algorithm: str, *budgets: int) -> str:
+        now[0] = at
         key = {"problem": problem, "algorithm": algorithm, "seed": 0, "correct": False}
-        records = [{**key, "budget": b} for b in budgets]
-        bars.advance(records)
+        bars.advance([{**key, "budget": b} for b in budgets])
         return capsys.readouterr().err
 
     # Greedy (one sample, two records) took 10 minutes: 5 particles of runs are left, 50
-    # minutes. By records (2 of 4 done) it would say 10.
-    assert "| 2/4 records, ETA ~50m" in finish("greedy", 1, 4)
-    assert "| 3/4 records, ETA ~40m" in finish("particle-filter", 1)
+    # minutes (by records, 2 of 4 done, it would say 10). Particle filtering at 1 is next.
+    assert "| 2/4 records, ETA ~50m" in finish(600.0, "greedy", 1, 4)
+    assert (bars.eta(("greedy", 4)), bars.eta(("particle-filter", 1)), bars.eta(("particle-filter", 4))) == (
+        "done",
+        "10m",
+        "50m",
+    )
+    assert "| 3/4 records, ETA ~40m" in finish(1200.0, "particle-filter", 1)
+    assert bars.eta(("particle-filter", 1)) == "done" and bars.eta(("particle-filter", 4)) == "40m"
+    assert "| 4/4 records, done" in finish(3600.0, "particle-filter", 4)
 
 
 def test_a_torn_last_line_is_redone(engine, data_dir, tmp_path):

@@ -1,13 +1,17 @@
-"""A progress bar per (algorithm, budget) on stderr: records done, accuracy so far, ETA.
+"""Progress on stderr: a bar for the whole grid and one per (algorithm, budget), each with
+records done, accuracy so far and an ETA.
+
+ETAs come from the schedule, not from each bar's recent speed. The units run in a known
+order, and each costs about the particles it holds (`Unit.run_budget`: greedy is one sample,
+a search at 16 sixteen), so the time a bar has left is the weight of the units up to its last
+one, less the weight done, times the seconds a unit of weight has taken so far. A bar's own
+speed cannot tell that: in a study run problem by problem each bar moves once per problem,
+minutes apart, and time per record depends on which runs happened to finish (it swung by
+hours on the GSM8K study).
 
 On a stderr that is not a terminal (a log file of a run in the background, CI) live bars
 draw nothing until the end, so each finished run prints one plain line instead: what it
-was, its verdicts, how much of the grid is done, and a rough overall ETA.
-
-The ETA weighs each run still to do by the particles it holds (`Unit.run_budget`): a grid's
-runs differ in cost by its largest budget (greedy is one sample, a search at 16 sixteen), so
-time per record, which depends on which runs happened to finish, swings by hours on a long
-study.
+was, its verdicts, how much of the grid is done, and the overall ETA.
 """
 
 from __future__ import annotations
@@ -17,17 +21,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from itscale.eval.plan import Plan, Unit
 from itscale.eval.store import Key
+
+Cell = tuple[str, int]  # (algorithm, budget): a row of the report, a bar here
 
 
 class EvalProgress:
@@ -38,8 +37,7 @@ class EvalProgress:
             MofNCompleteColumn(),
             TextColumn("acc {task.fields[accuracy]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
             console=Console(stderr=True),
             disable=not enabled,
         )
@@ -49,29 +47,51 @@ class EvalProgress:
         wanted = set(plan.keys())
         self.total = len(wanted)
         self.done = sum(k in wanted for k in done)
-        self.weight_of = {
-            (unit.problem.id, algorithm, budget, unit.seed): unit.run_budget
-            for unit in units
-            for algorithm, budgets in unit.picks
-            for budget in budgets
-        }
-        self.weight_left = sum(unit.run_budget for unit in units)
+
+        # The schedule: each unit's weight, and the weight done when each cell's last unit is.
+        self.weight_of: dict[Key, int] = {}
+        self.weight_when_done: dict[Cell, int] = {}
+        scheduled = 0
+        for unit in units:
+            scheduled += unit.run_budget
+            for algorithm, budgets in unit.picks:
+                for budget in budgets:
+                    self.weight_of[(unit.problem.id, algorithm, budget, unit.seed)] = unit.run_budget
+                    self.weight_when_done[(algorithm, budget)] = scheduled
+        self.weight_scheduled = scheduled
         self.weight_done = 0
-        self.tasks: dict[tuple[str, int], Any] = {}
-        self.scores: dict[tuple[str, int], list[int]] = {}
-        total = len(plan.problems) * len(plan.seeds)
+
+        self.scores: dict[Cell, list[int]] = {}
+        self.tasks: dict[Cell | None, Any] = {
+            None: self.progress.add_task("all runs", total=self.total, completed=self.done, accuracy="    ", eta="-")
+        }
+        per_cell = len(plan.problems) * len(plan.seeds)
         for algorithm in plan.algorithms:
             for budget in plan.budgets:
                 cell = (algorithm, budget)
                 mine = [r for k, r in done.items() if k in wanted and (k[1], k[2]) == cell]
                 self.scores[cell] = [sum(bool(r["correct"]) for r in mine), len(mine)]
                 self.tasks[cell] = self.progress.add_task(
-                    f"{algorithm} @ {budget}", total=total, completed=len(mine), accuracy=self._accuracy(cell)
+                    f"{algorithm} @ {budget}",
+                    total=per_cell,
+                    completed=len(mine),
+                    accuracy=self._accuracy(cell),
+                    eta="-",
                 )
 
-    def _accuracy(self, cell: tuple[str, int]) -> str:
+    def _accuracy(self, cell: Cell) -> str:
         correct, n = self.scores[cell]
         return f"{correct / n:.2f}" if n else " -  "
+
+    def eta(self, cell: Cell | None = None) -> str:
+        """Time left for `cell` (None: the whole grid), or "-" before any unit has finished."""
+        left = self.weight_scheduled if cell is None else self.weight_when_done.get(cell, 0)
+        left -= self.weight_done
+        if left <= 0:
+            return "done"
+        if not self.weight_done:
+            return "-"
+        return _duration(left * (time.monotonic() - self.started) / self.weight_done)
 
     def __enter__(self) -> EvalProgress:
         self.progress.start()
@@ -81,30 +101,38 @@ class EvalProgress:
         self.progress.stop()
 
     def advance(self, records: Iterable[dict[str, Any]]) -> None:
+        """One finished unit's records."""
         records = list(records)
+        if not records:
+            return
+        first = records[0]
+        self.weight_done += self.weight_of.get(
+            (first["problem"], first["algorithm"], first["budget"], first["seed"]), 0
+        )
+        self.done += len(records)
         for r in records:
             cell = (r["algorithm"], r["budget"])
-            if cell not in self.tasks:
-                continue
-            self.scores[cell][0] += bool(r["correct"])
-            self.scores[cell][1] += 1
-            self.progress.update(self.tasks[cell], advance=1, accuracy=self._accuracy(cell))
-        if self.plain and records:
+            if cell in self.scores:
+                self.scores[cell][0] += bool(r["correct"])
+                self.scores[cell][1] += 1
+                self.progress.advance(self.tasks[cell])
+        for cell, task in self.tasks.items():
+            fields = {"eta": self.eta(cell)}
+            if cell is not None:
+                fields["accuracy"] = self._accuracy(cell)
+            self.progress.update(task, **fields)
+        self.progress.update(self.tasks[None], completed=self.done)
+        if self.plain:
             self._log(records)
 
     def _log(self, records: list[dict[str, Any]]) -> None:
         """One line for a finished run (its records share a problem and a seed)."""
-        self.done += len(records)
-        first = records[0]
-        weight = self.weight_of.get((first["problem"], first["algorithm"], first["budget"], first["seed"]), 0)
-        self.weight_done += weight
-        self.weight_left -= weight
-        elapsed = time.monotonic() - self.started
-        left = self.weight_left * elapsed / max(self.weight_done, 1)
         cells = ", ".join(f"{r['algorithm']}@{r['budget']} {'right' if r['correct'] else 'wrong'}" for r in records)
+        first = records[0]
+        eta = self.eta()
         self.console.print(
             f"{time.strftime('%H:%M:%S')} {first['problem']} seed {first['seed']}: {cells} | "
-            f"{self.done}/{self.total} records, ETA ~{_duration(left)}",
+            f"{self.done}/{self.total} records, " + ("done" if eta == "done" else f"ETA ~{eta}"),
             highlight=False,
             markup=False,
             soft_wrap=True,
