@@ -161,12 +161,12 @@ def _eval(args: argparse.Namespace) -> int:
                 ray_address=args.ray_address,
                 ray_cpus=args.ray_cpus,
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # said here, in full: the generic "interrupted" would repeat it
         print(
             f"itscale: stopped; finished records are saved in {args.out}: run the same command to resume",
             file=sys.stderr,
         )
-        raise
+        return getattr(stop, "exit_code", 130)
     torn = "; dropped a torn last line left by a killed run" if summary.dropped_torn_line else ""
     print(
         f"{summary.written} new records ({summary.already_done} from earlier runs) in "

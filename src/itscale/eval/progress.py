@@ -10,8 +10,9 @@ minutes apart, and time per record depends on which runs happened to finish (it 
 hours on the GSM8K study).
 
 On a stderr that is not a terminal (a log file of a run in the background, CI) live bars
-draw nothing until the end, so each finished run prints one plain line instead: what it
-was, its verdicts, how much of the grid is done, and the overall ETA.
+draw nothing until the end, and then all of them at once; there the bars are off and each
+finished run prints one plain line instead: what it was, its verdicts, how much of the grid
+is done, and the overall ETA.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ Cell = tuple[str, int]  # (algorithm, budget): a row of the report, a bar here
 
 class EvalProgress:
     def __init__(self, plan: Plan, done: dict[Key, dict[str, Any]], units: list[Unit], enabled: bool = True):
+        console = Console(stderr=True)
+        # Without a terminal the bars would only be drawn once, at the end: every bar, into a log.
+        self.plain = enabled and not console.is_terminal
         self.progress = Progress(
             TextColumn("{task.description:<32}"),
             BarColumn(),
@@ -38,11 +42,10 @@ class EvalProgress:
             TextColumn("acc {task.fields[accuracy]}"),
             TimeElapsedColumn(),
             TextColumn("ETA {task.fields[eta]}"),
-            console=Console(stderr=True),
-            disable=not enabled,
+            console=console,
+            disable=not enabled or self.plain,
         )
-        self.console = self.progress.console
-        self.plain = enabled and not self.console.is_terminal
+        self.console = console
         self.started = time.monotonic()
         wanted = set(plan.keys())
         self.total = len(wanted)
