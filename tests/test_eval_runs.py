@@ -327,34 +327,59 @@ def test_a_run_without_a_terminal_logs_a_line_per_finished_run(tmp_path, data_di
         assert f" {problem} seed 0: greedy@1 " in line and ", greedy@2 " in line and f"| {count}/4 records" in line
 
 
-def test_etas_come_from_the_schedule_weighed_by_particles(data_dir, monkeypatch, capsys):
-    plan = plan_for(data_dir, ["greedy", "particle-filter"], [1, 4], limit=1)
+def test_etas_come_from_the_schedule_and_what_each_kind_of_run_took(data_dir, capsys):
+    plan = plan_for(data_dir, ["greedy", "particle-filter"], [1, 4], limit=2)
     units = plan.units({})
-    runs = [(u.algorithm, u.run_budget) for u in units]
-    assert runs == [("greedy", 1), ("particle-filter", 1), ("particle-filter", 4)]
-    now = [0.0]
-    monkeypatch.setattr("itscale.eval.progress.time.monotonic", lambda: now[0])
+    runs = [(u.problem.id, u.algorithm, u.run_budget) for u in units]
+    first, second = (p.id for p in plan.problems)
+    assert runs == [
+        (p, a, b) for p in (first, second) for a, b in (("greedy", 1), ("particle-filter", 1), ("particle-filter", 4))
+    ]
     bars = EvalProgress(plan, {}, units)
-    problem = plan.problems[0].id
-    assert bars.eta() == "-"  # nothing finished: no rate yet
+    assert bars.eta() == "-"  # nothing timed yet
+    clock = [0.0]
+    saved = []
 
-    def finish(at: float, algorithm: str, *budgets: int) -> str:
-        now[0] = at
-        key = {"problem": problem, "algorithm": algorithm, "seed": 0, "correct": False}
-        bars.advance([{**key, "budget": b} for b in budgets])
+    def finish(problem: str, algorithm: str, seconds: float, *budgets: int) -> str:
+        stamps = {"started": clock[0], "finished": clock[0] + seconds}
+        clock[0] += seconds
+        key = {"problem": problem, "algorithm": algorithm, "seed": 0, "correct": False, **stamps}
+        records = [{**key, "budget": b} for b in budgets]
+        saved.extend(records)
+        bars.advance(records)
         return capsys.readouterr().err
 
-    # Greedy (one sample, two records) took 10 minutes: 5 particles of runs are left, 50
-    # minutes (by records, 2 of 4 done, it would say 10). Particle filtering at 1 is next.
-    assert "| 2/4 records, ETA ~50m" in finish(600.0, "greedy", 1, 4)
-    assert (bars.eta(("greedy", 4)), bars.eta(("particle-filter", 1)), bars.eta(("particle-filter", 4))) == (
-        "done",
-        "10m",
-        "50m",
-    )
-    assert "| 3/4 records, ETA ~40m" in finish(1200.0, "particle-filter", 1)
-    assert bars.eta(("particle-filter", 1)) == "done" and bars.eta(("particle-filter", 4)) == "40m"
-    assert "| 4/4 records, done" in finish(3600.0, "particle-filter", 4)
+    # Greedy took a minute: particle filtering, not seen yet, is a minute a particle, so the
+    # 1 + 4 + 1 + 1 + 4 particles of runs left are 11 minutes; greedy's last run is 6 away.
+    assert "| 2/8 records, ETA ~11m" in finish(first, "greedy", 60.0, 1, 4)
+    assert (bars.eta(("greedy", 4)), bars.eta(("particle-filter", 1))) == ("6m", "7m")
+    # Particle filtering at 1 took 48 s: 54 s a particle over what has run. Left: 4 x 54 +
+    # 60 + 48 + 4 x 54 seconds.
+    assert "| 3/8 records, ETA ~9m" in finish(first, "particle-filter", 48.0, 1)
+    # At 4 it took 2 minutes, now known: 60 + 48 + 120 seconds left.
+    assert "| 4/8 records, ETA ~4m" in finish(first, "particle-filter", 120.0, 4)
+
+    # Resumed, the saved records tell every kind's cost before anything runs.
+    done = {(r["problem"], r["algorithm"], r["budget"], r["seed"]): r for r in saved}
+    resumed = EvalProgress(plan, done, plan.units(done))
+    assert resumed.eta() == "4m" and resumed.eta(("greedy", 1)) == "1m"
+    resumed.advance([{**r, "problem": second} for r in saved[:2]])  # greedy, second problem
+    assert resumed.eta(("greedy", 1)) == "done" and resumed.eta() == "3m"
+
+
+def test_a_kinds_cost_is_the_mean_of_its_recent_runs(data_dir):
+    plan = plan_for(data_dir, ["greedy"], [1], limit=12)
+    done = {}
+    for i, problem in enumerate(plan.problems[:11]):
+        took = 1000.0 if i == 0 else 60.0  # the first ran on a busy machine
+        stamps = {"started": 1e4 * i, "finished": 1e4 * i + took}
+        done[(problem.id, "greedy", 1, 0)] = {
+            **{"problem": problem.id, "algorithm": "greedy", "budget": 1, "seed": 0, "correct": False},
+            **stamps,
+        }
+    assert EvalProgress(plan, done, plan.units(done)).eta() == "1m"  # only the last 10 count
+    del done[(plan.problems[10].id, "greedy", 1, 0)]
+    assert EvalProgress(plan, done, plan.units(done)).eta() == "5m"  # 2 x (1000 + 9 x 60) / 10
 
 
 def test_a_torn_last_line_is_redone(engine, data_dir, tmp_path):

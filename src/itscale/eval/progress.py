@@ -2,12 +2,15 @@
 records done, accuracy so far and an ETA.
 
 ETAs come from the schedule, not from each bar's recent speed. The units run in a known
-order, and each costs about the particles it holds (`Unit.run_budget`: greedy is one sample,
-a search at 16 sixteen), so the time a bar has left is the weight of the units up to its last
-one, less the weight done, times the seconds a unit of weight has taken so far. A bar's own
-speed cannot tell that: in a study run problem by problem each bar moves once per problem,
-minutes apart, and time per record depends on which runs happened to finish (it swung by
-hours on the GSM8K study).
+order, so the time a bar has left is what the units still to run up to its last one will
+take. A unit is estimated by the mean wall time of the last runs of its kind (its algorithm
+and the particles it holds: greedy holds one, a search at 16 sixteen), from this process or
+from the records of earlier runs: a resumed study knows its costs at once, and a slow day
+long past stops counting. A kind not seen yet is estimated per particle over all runs seen.
+A bar's own speed cannot tell this: in a study run problem by problem each bar moves once
+per problem, minutes apart (rich's estimate, over the last 30 seconds, showed nothing), and
+time per record or per particle depends on which runs happened to finish (both swung by a
+factor of two on the GSM8K study).
 
 On a stderr that is not a terminal (a log file of a run in the background, CI) live bars
 draw nothing until the end, and then all of them at once; there the bars are off and each
@@ -18,7 +21,8 @@ is done, and the overall ETA.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -46,23 +50,11 @@ class EvalProgress:
             disable=not enabled or self.plain,
         )
         self.console = console
-        self.started = time.monotonic()
         wanted = set(plan.keys())
         self.total = len(wanted)
         self.done = sum(k in wanted for k in done)
 
-        # The schedule: each unit's weight, and the weight done when each cell's last unit is.
-        self.weight_of: dict[Key, int] = {}
-        self.weight_when_done: dict[Cell, int] = {}
-        scheduled = 0
-        for unit in units:
-            scheduled += unit.run_budget
-            for algorithm, budgets in unit.picks:
-                for budget in budgets:
-                    self.weight_of[(unit.problem.id, algorithm, budget, unit.seed)] = unit.run_budget
-                    self.weight_when_done[(algorithm, budget)] = scheduled
-        self.weight_scheduled = scheduled
-        self.weight_done = 0
+        self.schedule = Schedule(units, done.values(), lambda a: plan.search(a).uses_budget, plan.algorithms)
 
         self.scores: dict[Cell, list[int]] = {}
         self.tasks: dict[Cell | None, Any] = {
@@ -87,14 +79,9 @@ class EvalProgress:
         return f"{correct / n:.2f}" if n else " -  "
 
     def eta(self, cell: Cell | None = None) -> str:
-        """Time left for `cell` (None: the whole grid), or "-" before any unit has finished."""
-        left = self.weight_scheduled if cell is None else self.weight_when_done.get(cell, 0)
-        left -= self.weight_done
-        if left <= 0:
-            return "done"
-        if not self.weight_done:
-            return "-"
-        return _duration(left * (time.monotonic() - self.started) / self.weight_done)
+        """Time left for `cell` (None: the whole grid), or "-" while no run has been timed."""
+        seconds = self.schedule.seconds_left(cell)
+        return "done" if seconds == 0 else "-" if seconds is None else _duration(seconds)
 
     def __enter__(self) -> EvalProgress:
         self.progress.start()
@@ -108,10 +95,7 @@ class EvalProgress:
         records = list(records)
         if not records:
             return
-        first = records[0]
-        self.weight_done += self.weight_of.get(
-            (first["problem"], first["algorithm"], first["budget"], first["seed"]), 0
-        )
+        self.schedule.finished(records)
         self.done += len(records)
         for r in records:
             cell = (r["algorithm"], r["budget"])
@@ -119,6 +103,7 @@ class EvalProgress:
                 self.scores[cell][0] += bool(r["correct"])
                 self.scores[cell][1] += 1
                 self.progress.advance(self.tasks[cell])
+        self.schedule.estimate()
         for cell, task in self.tasks.items():
             fields = {"eta": self.eta(cell)}
             if cell is not None:
@@ -140,6 +125,90 @@ class EvalProgress:
             markup=False,
             soft_wrap=True,
         )
+
+
+Kind = tuple[str, int]  # (a unit's algorithm, the particles it holds): runs of a kind cost alike
+RECENT_RUNS = 10  # a kind's cost is the mean of its last runs: the machine's load changes over days
+
+
+class Schedule:
+    """The units still to run, in their order, and the wall time runs of each kind took."""
+
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        history: Iterable[dict[str, Any]],
+        uses_budget: Callable[[str], bool],
+        algorithms: Sequence[str],
+    ):
+        self.units = list(units)
+        self._uses_budget = {a: uses_budget(a) for a in algorithms}
+        self.left = set(range(len(self.units)))
+        self.index_of: dict[Key, int] = {}
+        self.last_of: dict[Cell, int] = {}  # each cell's last unit
+        self.cells_left: dict[Cell, int] = defaultdict(int)  # units of each cell still to run
+        for i, unit in enumerate(self.units):
+            for algorithm, budgets in unit.picks:
+                for budget in budgets:
+                    self.index_of[(unit.problem.id, algorithm, budget, unit.seed)] = i
+                    self.last_of[(algorithm, budget)] = i
+                    self.cells_left[(algorithm, budget)] += 1
+        self.seconds: dict[Kind, deque[float]] = defaultdict(lambda: deque(maxlen=RECENT_RUNS))
+        for records in _runs(history):
+            first = records[0]
+            algorithm = first.get("rollouts_of") or first["algorithm"]
+            if algorithm in self._uses_budget and "finished" in first:
+                size = int(first.get("sampled_from") or min(int(r["budget"]) for r in records))
+                self.seconds[self.kind(algorithm, size)].append(first["finished"] - first["started"])
+        self.cumulative: list[float | None] = []
+        self.estimate()
+
+    def kind(self, algorithm: str, budget: int) -> Kind:
+        return (algorithm, budget if self._uses_budget.get(algorithm, True) else 1)
+
+    def finished(self, records: list[dict[str, Any]]) -> None:
+        """A unit's records are in: it is done, and its wall time tells what its kind costs."""
+        first = records[0]
+        i = self.index_of.get((first["problem"], first["algorithm"], int(first["budget"]), int(first["seed"])))
+        if i is None or i not in self.left:
+            return
+        self.left.discard(i)
+        unit = self.units[i]
+        for algorithm, budgets in unit.picks:
+            for budget in budgets:
+                self.cells_left[(algorithm, budget)] -= 1
+        if "finished" in first:
+            self.seconds[self.kind(unit.algorithm, unit.run_budget)].append(first["finished"] - first["started"])
+
+    def estimate(self) -> None:
+        """Seconds from now until each unit is done, running the units left in order."""
+        known = {kind: sum(t) / len(t) for kind, t in self.seconds.items() if t}
+        particles = sum(kind[1] * len(self.seconds[kind]) for kind in known)
+        per_particle = sum(sum(self.seconds[kind]) for kind in known) / particles if particles else None
+        total: float | None = 0.0
+        self.cumulative = []
+        for i, unit in enumerate(self.units):
+            if i in self.left and total is not None:
+                kind = self.kind(unit.algorithm, unit.run_budget)
+                cost = known.get(kind, None if per_particle is None else per_particle * kind[1])
+                total = None if cost is None else total + cost
+            self.cumulative.append(total)
+
+    def seconds_left(self, cell: Cell | None = None) -> float | None:
+        """Until `cell`'s last unit is done (None: every unit), as of the last `estimate`;
+        0 when nothing is left, None while no run has been timed."""
+        if not self.left or (cell is not None and self.cells_left.get(cell, 0) <= 0):
+            return 0
+        return self.cumulative[max(self.left) if cell is None else self.last_of[cell]]
+
+
+def _runs(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Saved records grouped by the run that made them (they share its time stamps)."""
+    runs: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if "started" in r:
+            runs[(r["problem"], r["seed"], r["started"], r.get("finished"), r.get("worker"))].append(r)
+    return list(runs.values())
 
 
 def _duration(seconds: float) -> str:
