@@ -21,6 +21,7 @@ from itscale.eval.report import (
     markdown,
     paired_differences,
     summarise,
+    write_report,
 )
 from itscale.eval.store import OutputDir, ResultStore
 from itscale.search import algorithm_names, make_algorithm
@@ -382,6 +383,19 @@ def test_report_compare_names_an_algorithm_the_directory_has(tmp_path, capsys):
     out.results.append([record("p0")])
     code, err = run_cli(capsys, "report", str(tmp_path), "--compare", "particle-filter")
     assert code == 2 and "--compare particle-filter" in err and "greedy" in err and len(err.splitlines()) == 1
+
+
+def test_the_report_says_how_much_of_an_unfinished_grid_it_covers(tmp_path):
+    out = OutputDir(tmp_path)
+    out.record({}, {"command": ["itscale"], "grid": {"algorithms": ["greedy"], "budgets": [1, 2], "problems": 3}})
+    out.results.append([record("p0", 1), record("p0", 2), record("p1", 1)])  # p1 in progress
+    write_report(tmp_path, compare=[])
+    text = (tmp_path / "report.md").read_text()
+    assert "Unfinished run: 1 of 3 problems have every algorithm and budget" in text
+    assert "(1 record of a problem in progress is left out)" in text
+    out.results.append([record("p1", 2), record("p2", 1), record("p2", 2)])
+    write_report(tmp_path, compare=[])
+    assert "Unfinished" not in (tmp_path / "report.md").read_text()
 
 
 def test_the_report_lists_a_resumed_command_once_with_its_count():

@@ -228,12 +228,9 @@ def write_report(directory: str | Path, compare: list[str] | None = None) -> tup
     rows = summarise(records, algorithms)
     differences = paired_differences(records, compare, algorithms)
     notes = [TOKEN_NOTE]
-    if left_out:
-        notes.insert(
-            0,
-            f"Unfinished run: {left_out} records of problems not yet run at every algorithm and budget "
-            "are left out, so every row is over the same problems.",
-        )
+    unfinished = unfinished_note(config, records, left_out)
+    if unfinished:
+        notes.insert(0, unfinished)
     paths = {"markdown": path / "report.md", "json": path / "report.json"}
     report = {
         "config": config,
@@ -247,6 +244,18 @@ def write_report(directory: str | Path, compare: list[str] | None = None) -> tup
 
     paths.update(plot_scaling(rows, path, title=_title(config)))
     return rows, paths
+
+
+def unfinished_note(config: dict[str, Any], complete: list[dict[str, Any]], left_out: int) -> str | None:
+    """What part of the planned grid the report covers, when not all of it."""
+    planned = (config.get("runs") or [{}])[-1].get("grid", {}).get("problems")
+    done = len({r["problem"] for r in complete})
+    if not left_out and (planned is None or done >= planned):
+        return None
+    of = f" of {planned}" if planned else ""
+    some = f"{left_out} records of problems in progress are" if left_out > 1 else "1 record of a problem in progress is"
+    progress = f" ({some} left out)" if left_out else ""
+    return f"Unfinished run: {done}{of} problems have every algorithm and budget; every row is over those{progress}."
 
 
 def _title(config: dict[str, Any]) -> str:
