@@ -105,11 +105,8 @@ class EvalProgress:
                 self.progress.advance(self.tasks[cell])
         self.schedule.estimate()
         for cell, task in self.tasks.items():
-            fields = {"eta": self.eta(cell)}
-            if cell is not None:
-                fields["accuracy"] = self._accuracy(cell)
-            self.progress.update(task, **fields)
-        self.progress.update(self.tasks[None], completed=self.done)
+            progress = {"completed": self.done} if cell is None else {"accuracy": self._accuracy(cell)}
+            self.progress.update(task, eta=self.eta(cell), **progress)
         if self.plain:
             self._log(records)
 
@@ -145,14 +142,12 @@ class Schedule:
         self._uses_budget = {a: uses_budget(a) for a in algorithms}
         self.left = set(range(len(self.units)))
         self.index_of: dict[Key, int] = {}
-        self.last_of: dict[Cell, int] = {}  # each cell's last unit
-        self.cells_left: dict[Cell, int] = defaultdict(int)  # units of each cell still to run
+        self.units_of: dict[Cell, set[int]] = defaultdict(set)
         for i, unit in enumerate(self.units):
             for algorithm, budgets in unit.picks:
                 for budget in budgets:
                     self.index_of[(unit.problem.id, algorithm, budget, unit.seed)] = i
-                    self.last_of[(algorithm, budget)] = i
-                    self.cells_left[(algorithm, budget)] += 1
+                    self.units_of[(algorithm, budget)].add(i)
         self.seconds: dict[Kind, deque[float]] = defaultdict(lambda: deque(maxlen=RECENT_RUNS))
         for records in _runs(history):
             first = records[0]
@@ -174,9 +169,6 @@ class Schedule:
             return
         self.left.discard(i)
         unit = self.units[i]
-        for algorithm, budgets in unit.picks:
-            for budget in budgets:
-                self.cells_left[(algorithm, budget)] -= 1
         if "finished" in first:
             self.seconds[self.kind(unit.algorithm, unit.run_budget)].append(first["finished"] - first["started"])
 
@@ -195,11 +187,10 @@ class Schedule:
             self.cumulative.append(total)
 
     def seconds_left(self, cell: Cell | None = None) -> float | None:
-        """Until `cell`'s last unit is done (None: every unit), as of the last `estimate`;
-        0 when nothing is left, None while no run has been timed."""
-        if not self.left or (cell is not None and self.cells_left.get(cell, 0) <= 0):
-            return 0
-        return self.cumulative[max(self.left) if cell is None else self.last_of[cell]]
+        """Until the last of `cell`'s units still to run is done (None: of every unit), as of
+        the last `estimate`; 0 when nothing is left, None while no run has been timed."""
+        left = self.left if cell is None else self.left & self.units_of.get(cell, set())
+        return self.cumulative[max(left)] if left else 0
 
 
 def _runs(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
