@@ -150,11 +150,7 @@ class Schedule:
                     self.units_of[(algorithm, budget)].add(i)
         self.seconds: dict[Kind, deque[float]] = defaultdict(lambda: deque(maxlen=RECENT_RUNS))
         for records in _runs(history):
-            first = records[0]
-            algorithm = first.get("rollouts_of") or first["algorithm"]
-            if algorithm in self._uses_budget and "finished" in first:
-                size = int(first.get("sampled_from") or min(int(r["budget"]) for r in records))
-                self.seconds[self.kind(algorithm, size)].append(first["finished"] - first["started"])
+            self._timed(records)
         self.cumulative: list[float | None] = []
         self.estimate()
 
@@ -168,9 +164,16 @@ class Schedule:
         if i is None or i not in self.left:
             return
         self.left.discard(i)
-        unit = self.units[i]
-        if "finished" in first:
-            self.seconds[self.kind(unit.algorithm, unit.run_budget)].append(first["finished"] - first["started"])
+        self._timed(records)
+
+    def _timed(self, records: list[dict[str, Any]]) -> None:
+        """One run's wall time, counted for its kind: read off its records (the algorithm whose
+        rollouts it ran, the particles it held), so saved runs and this process's count alike."""
+        first = records[0]
+        algorithm = first.get("rollouts_of") or first["algorithm"]
+        if algorithm in self._uses_budget and "finished" in first:
+            size = int(first.get("sampled_from") or min(int(r["budget"]) for r in records))
+            self.seconds[self.kind(algorithm, size)].append(first["finished"] - first["started"])
 
     def estimate(self) -> None:
         """Seconds from now until each unit is done, running the units left in order."""
