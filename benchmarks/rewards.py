@@ -26,11 +26,11 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from itscale.files import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
@@ -38,15 +38,6 @@ CACHE = REPO / ".cache" / "benchmarks" / "rewards"
 GENERATOR = "qwen2.5-coder-0.5b"
 TEMPERATURE = 0.8
 MAX_TOKENS = 512
-
-
-def write_json_atomically(path: Path, data: object) -> None:
-    """Writes to a temporary file beside `path`, then renames: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, default: object) -> object:
@@ -91,7 +82,7 @@ async def sample(lm, problems: list[dict], n_samples: int, concurrency: int, rev
             if problem["id"] in load_samples(n_samples):
                 continue  # the process working from the other end got here first
             samples[problem["id"]] = await _sample_one(lm, problem, i, n_samples)
-            write_json_atomically(path, samples)
+            write_json_atomic(path, samples)
             record = samples[problem["id"]]
             right = sum(p["correct"] for p in record["particles"])
             print(
@@ -207,7 +198,7 @@ async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | No
                 else:
                     entry["steps"][i].append(value)
             cached[problem["id"]] = entry
-            write_json_atomically(path, cached)
+            write_json_atomic(path, cached)
             print(f"scored {spec} on {problem['id']}: {len(requests)} steps, {seconds:.1f} s", flush=True)
     for product in PRODUCTS:
         factors = [f.strip() for f in product.split("*")]

@@ -30,7 +30,8 @@ import numpy as np
 
 from itscale.answers import is_equivalent, majority
 from itscale.errors import UsageError
-from itscale.eval.store import RESULTS, OutputDir, write_json_atomic, write_text_atomic
+from itscale.eval.store import RESULTS, OutputDir
+from itscale.files import write_atomic, write_json_atomic
 
 BOOTSTRAP_SAMPLES = 10_000
 TOKEN_NOTE = (
@@ -239,7 +240,7 @@ def write_report(directory: str | Path, compare: list[str] | None = None) -> tup
         "notes": notes,
     }
     write_json_atomic(paths["json"], report)
-    write_text_atomic(paths["markdown"], markdown(config, rows, notes, differences))
+    write_atomic(paths["markdown"], markdown(config, rows, notes, differences))
     from itscale.eval.plots import plot_scaling
 
     paths.update(plot_scaling(rows, path, title=_title(config)))

