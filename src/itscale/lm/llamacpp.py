@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from itscale.errors import ItscaleError, UsageError
+from itscale.lm.amx_check import extra_buffers_usable
 from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, step_end
 from itscale.lm.chat import CHATML, ChatTemplate
 from itscale.lm.models import DEFAULT_MODEL, MODELS, model_path
@@ -186,6 +187,9 @@ class LlamaCppModel:
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
 
         params = llama_cpp.llama_model_default_params()
+        # False only where this build's AMX kernels would crash the process (amx_check).
+        self.uses_extra_buffers = extra_buffers_usable(self.path)
+        params.use_extra_bufts = self.uses_extra_buffers
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise ItscaleError(f"llama.cpp could not load {self.path}: is it a valid GGUF model?")
