@@ -427,7 +427,20 @@ def test_the_selection_table_tells_the_search_from_the_choice():
     assert row.capped == pytest.approx(5 / 11)
     text = markdown({"identity": {}, "runs": []}, [row], [])
     assert "## What the final particles held" in text
-    assert "| greedy | 1 | 33.3% | 33.3% | 66.7% | 1.7 | 45% |" in text
+    assert "| greedy | 1 | 33.3% | 33.3% | 66.7% | 1.7 | 45% |  |" in text  # greedy does not resample
+
+
+def test_the_selection_table_counts_the_runs_and_steps_that_resampled():
+    def run(problem: str, resampled_steps: int, particle_steps: list[int]) -> dict:
+        particles = [{"answer": "4", "score": 0.5, "tokens": 5, "steps": n, "end": "eos"} for n in particle_steps]
+        diagnostics = {"resampled_steps": resampled_steps, "degenerate_weights": 0}
+        return {**record(problem), "algorithm": "particle-filter", "particles": particles, "diagnostics": diagnostics}
+
+    records = [run("p0", 0, [3, 5]), run("p1", 4, [6, 6]), run("p2", 1, [2, 7])]
+    (row,) = summarise(records, ["particle-filter"])
+    assert (row.resampled_runs, row.resampled_steps, row.search_steps) == (2, 5, 5 + 6 + 7)
+    text = markdown({"identity": {}, "runs": []}, [row], [])
+    assert "| 0% | 2/3 runs, 5/18 steps |" in text
 
 
 # ------------------------------------------------------------------ the plots

@@ -10,8 +10,11 @@ runs, or subsets of a shared larger run (sample reuse).
 A second table tells the search from the choice: for each row, what its final particles
 held. A plain vote over them (did the search find the answer the particles agree on?), how
 many distinct answers they held (a search that concentrates its particles has few), and how
-many ended on the token cap (cut short, not wrong by reasoning). When `any right` is far
-above accuracy the selector, not the search, is what loses.
+many ended on the token cap (cut short, not wrong by reasoning), and, for the algorithms
+that resample, in how many runs and at how many of their steps they did (a filter that
+resamples at nearly every step keeps few lineages, one that never resamples is independent
+sampling weighted by the reward). When `any right` is far above accuracy the
+selector, not the search, is what loses.
 
 Rows over the same problems have overlapping intervals long before their difference is
 noise: the report also compares chosen algorithms (particle filtering, by default) with
@@ -63,6 +66,10 @@ class Row:
     seconds_estimated: bool
     sampled_from: list[int]  # sizes of the shared runs this row was picked from; [] for its own runs
     rollouts_of: list[str]  # other algorithms whose runs this row picked from (shared rollouts)
+    # For algorithms that resample (their records carry diagnostics["resampled_steps"]); None otherwise.
+    resampled_runs: int | None = None  # runs that resampled at least once
+    resampled_steps: int | None = None  # steps at which they resampled, summed over runs
+    search_steps: int | None = None  # steps the runs took (their longest particle's), summed
 
 
 def bootstrap_interval(scores: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
@@ -104,6 +111,7 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
         scores = np.array([np.mean(v) for v in per_problem.values()])
         low, high = bootstrap_interval(scores)
         usage = [r["usage"] for r in group]
+        resampled_runs, resampled_steps, search_steps = resampling_counts(group)
         rows.append(
             Row(
                 algorithm=algorithm,
@@ -124,9 +132,23 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
                 seconds_estimated=any(r.get("seconds_estimated") for r in group),
                 sampled_from=sorted({int(r["sampled_from"]) for r in group if r.get("sampled_from")}),
                 rollouts_of=sorted({r["rollouts_of"] for r in group if r.get("rollouts_of", algorithm) != algorithm}),
+                resampled_runs=resampled_runs,
+                resampled_steps=resampled_steps,
+                search_steps=search_steps,
             )
         )
     return rows
+
+
+def resampling_counts(group: list[dict[str, Any]]) -> tuple[int | None, int | None, int | None]:
+    """Runs that resampled, steps at which they did, and steps the runs took (a run's steps: its
+    longest particle's), summed over `group`; all None for an algorithm that does not resample
+    (its records carry no `resampled_steps` diagnostic)."""
+    counts = [r.get("diagnostics", {}).get("resampled_steps") for r in group]
+    if None in counts:
+        return None, None, None
+    steps = sum(max((p["steps"] for p in r["particles"]), default=0) for r in group)
+    return sum(n > 0 for n in counts), sum(counts), steps
 
 
 def any_particle_right(record: dict[str, Any]) -> bool:
@@ -334,18 +356,26 @@ def selection_table(rows: list[Row]) -> list[str]:
         "",
         "`chosen`: the algorithm's answer (the accuracy above); `plain vote`: a majority vote over the final "
         "particles' answers, equivalent answers pooled; `any right`: some particle right; `distinct answers`: "
-        "per run, mean; `at token cap`: final particles that ended on max_tokens. A search that concentrates "
-        "its particles has few distinct answers; `any right` far above `chosen` is the selector's loss.",
+        "per run, mean; `at token cap`: final particles that ended on max_tokens; `resampled`, for algorithms "
+        "that resample: runs that resampled at least once, of all runs, and steps at which they resampled, of "
+        "all steps the runs took (a run's steps: its longest particle's). A search that concentrates its "
+        "particles has few distinct answers; `any right` far above `chosen` is the selector's loss.",
         "",
-        "| algorithm | budget | chosen | plain vote | any right | distinct answers | at token cap |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| algorithm | budget | chosen | plain vote | any right | distinct answers | at token cap | resampled |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
         f"| {r.algorithm} | {r.budget} | {r.accuracy:.1%} | {r.vote_correct:.1%} | {r.any_correct:.1%} "
-        f"| {r.distinct_answers:.1f} | {r.capped:.0%} |"
+        f"| {r.distinct_answers:.1f} | {r.capped:.0%} | {resampled_text(r)} |"
         for r in rows
     ]
     return lines
+
+
+def resampled_text(row: Row) -> str:
+    if row.resampled_runs is None:
+        return ""
+    return f"{row.resampled_runs}/{row.runs} runs, {row.resampled_steps:,}/{row.search_steps:,} steps"
 
 
 def comparison_tables(differences: list[Difference]) -> list[str]:
