@@ -86,6 +86,39 @@ def test_hugging_face_names_fail_clearly_without_a_hub():
         load_dataset("openai/gsm8k:main")
 
 
+def test_hugging_face_datasets_map_onto_the_schema(data_dir, tmp_path, monkeypatch):
+    # No hub here, but the datasets library loads a local dataset directory by the same call
+    # (offline mode skips the reachability check): rows in the hub's GSM8K and MATH-500
+    # layouts, built from the shared data, must come out as the JSONL schema does.
+    pytest.importorskip("datasets", reason="the datasets extra: pip install 'itscale[datasets]'")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    reference = load_dataset("gsm8k", data_dir).head(3)
+    gsm8k = tmp_path / "gsm8k-layout"
+    gsm8k.mkdir()
+    rows = [{"question": p.problem, "answer": f"The working.\n#### {p.answer}"} for p in reference]
+    (gsm8k / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    loaded = load_dataset(f"hf:{gsm8k}")
+    assert [(p.id, p.problem, p.answer) for p in loaded.problems] == [
+        (str(i), p.problem, p.answer) for i, p in enumerate(reference)
+    ]
+    assert loaded.fingerprint != load_dataset("gsm8k", data_dir).fingerprint
+
+    math = tmp_path / "math-layout"
+    math.mkdir()
+    (math / "train.jsonl").write_text(
+        json.dumps({"problem": "What is $1+1$?", "answer": "2", "unique_id": "algebra/1.json"}) + "\n"
+    )
+    (problem,) = load_dataset(f"hf:{math}@train").problems
+    assert (problem.id, problem.problem, problem.answer) == ("algebra/1.json", "What is $1+1$?", "2")
+
+    with pytest.raises(UsageError, match=r"has columns text, label: need one of problem/question"):
+        odd = tmp_path / "odd-layout"
+        odd.mkdir()
+        (odd / "test.jsonl").write_text(json.dumps({"text": "hi", "label": 1}) + "\n")
+        load_dataset(f"hf:{odd}")
+
+
 def test_hugging_face_names_without_the_datasets_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(UsageError, match=r"pip install 'itscale\[datasets\]'"):
