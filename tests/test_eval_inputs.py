@@ -93,29 +93,30 @@ def test_hugging_face_datasets_map_onto_the_schema(data_dir, tmp_path, monkeypat
     pytest.importorskip("datasets", reason="the datasets extra: pip install 'itscale[datasets]'")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    reference = load_dataset("gsm8k", data_dir).head(3)
-    gsm8k = tmp_path / "gsm8k-layout"
-    gsm8k.mkdir()
+
+    def dataset_dir(name: str, split: str, rows: list[dict]) -> str:
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(directory)
+
+    shared = load_dataset("gsm8k", data_dir)
+    reference = shared.head(3)
     rows = [{"question": p.problem, "answer": f"The working.\n#### {p.answer}"} for p in reference]
-    (gsm8k / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    loaded = load_dataset(f"hf:{gsm8k}")
+    loaded = load_dataset(f"hf:{dataset_dir('gsm8k-layout', 'test', rows)}")
     assert [(p.id, p.problem, p.answer) for p in loaded.problems] == [
         (str(i), p.problem, p.answer) for i, p in enumerate(reference)
     ]
-    assert loaded.fingerprint != load_dataset("gsm8k", data_dir).fingerprint
+    assert loaded.fingerprint != shared.fingerprint
 
-    math = tmp_path / "math-layout"
-    math.mkdir()
-    (math / "train.jsonl").write_text(
-        json.dumps({"problem": "What is $1+1$?", "answer": "2", "unique_id": "algebra/1.json"}) + "\n"
+    math = dataset_dir(
+        "math-layout", "train", [{"problem": "What is $1+1$?", "answer": "2", "unique_id": "algebra/1.json"}]
     )
     (problem,) = load_dataset(f"hf:{math}@train").problems
     assert (problem.id, problem.problem, problem.answer) == ("algebra/1.json", "What is $1+1$?", "2")
 
+    odd = dataset_dir("odd-layout", "test", [{"text": "hi", "label": 1}])
     with pytest.raises(UsageError, match=r"has columns text, label: need one of problem/question"):
-        odd = tmp_path / "odd-layout"
-        odd.mkdir()
-        (odd / "test.jsonl").write_text(json.dumps({"text": "hi", "label": 1}) + "\n")
         load_dataset(f"hf:{odd}")
 
 
