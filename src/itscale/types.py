@@ -75,6 +75,16 @@ class Step:
     self_certainty: float | None = None
     # The process reward of this step, given the steps before it.
     score: float | None = None
+    # The generator's hidden state at the position that predicted the step's last token
+    # (the embedded engine with features on): what a learned reward reads. Kept in memory;
+    # written out only when asked for (`Particle.to_dict(features=True)`).
+    features: Any = field(default=None, repr=False, compare=False)
+
+    def to_dict(self, features: bool = False) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "features"}
+        if features and self.features is not None:
+            out["features"] = [float(x) for x in self.features]
+        return out
 
 
 @dataclass
@@ -127,7 +137,7 @@ class Particle:
             tag=self.tag,
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, features: bool = False) -> dict[str, Any]:
         return {
             "id": self.id,
             "parent": self.parent,
@@ -138,7 +148,7 @@ class Particle:
             "log_weight": self.log_weight,
             "score": self.score,
             "tokens": self.tokens,
-            "steps": [dataclasses.asdict(s) for s in self.steps],
+            "steps": [s.to_dict(features) for s in self.steps],
         }
 
 
@@ -205,14 +215,14 @@ class Result:
     # True when the token budget ran out before every particle finished.
     budget_limited: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, features: bool = False) -> dict[str, Any]:
         return {
             "answer": self.answer,
             "text": self.text,
             "algorithm": self.algorithm,
             "budget_limited": self.budget_limited,
             "weights": self.weights,
-            "particles": [p.to_dict() for p in self.particles],
+            "particles": [p.to_dict(features) for p in self.particles],
             "genealogy": [dataclasses.asdict(g) for g in self.genealogy],
             "usage": self.usage.to_dict(),
             "diagnostics": self.diagnostics,

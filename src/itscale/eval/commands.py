@@ -121,9 +121,9 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return Plan(dataset, algorithms, budgets, seeds, settings, reward, backend, options, args.limit)
 
 
-def command_line(args: argparse.Namespace) -> list[str]:
+def command_line(args: argparse.Namespace, command: str = "eval") -> list[str]:
     """The command as typed, up to defaults: every argument that differs from its default."""
-    words = ["itscale", "eval"]
+    words = ["itscale", command]
     for action in args.parser._actions:
         value = getattr(args, action.dest, None)
         if not action.option_strings or action.dest == "help" or value == action.default:

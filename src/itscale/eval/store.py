@@ -22,7 +22,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,14 @@ def record_key(record: dict[str, Any]) -> Key:
 
 
 class ResultStore:
-    """Append-only JSONL records, keyed by (problem, algorithm, budget, seed)."""
+    """Append-only JSONL records, keyed by (problem, algorithm, budget, seed) or by `key`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, key: Callable[[dict[str, Any]], Any] = record_key):
         self.path = path
+        self.key = key
         self.dropped_torn_line = False
 
-    def load(self) -> dict[Key, dict[str, Any]]:
+    def load(self) -> dict[Any, dict[str, Any]]:
         """Every complete record; a torn last line is cut off the file (and noted)."""
         if not self.path.exists():
             return {}
@@ -56,13 +57,13 @@ class ResultStore:
                 f.truncate(end)
                 os.fsync(f.fileno())
             self.dropped_torn_line = True
-        records: dict[Key, dict[str, Any]] = {}
+        records: dict[Any, dict[str, Any]] = {}
         for number, line in enumerate(data[:end].splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                key = record_key(record)
+                key = self.key(record)
             except (ValueError, KeyError, TypeError):
                 raise UsageError(
                     f"{self.path} line {number} is damaged (not a complete record): remove that line "
@@ -97,11 +98,20 @@ def _stop_signals_held() -> Iterator[None]:
 
 
 class OutputDir:
-    """An evaluation's directory: checks and records its configuration, holds the lock."""
+    """An evaluation's directory: checks and records its configuration, holds the lock.
+    `results` and `key` name its record file and what identifies a record (the rollouts of
+    `itscale train-reward` live in such a directory too, one record per problem)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(
+        self,
+        path: str | Path,
+        results: str = RESULTS,
+        key: Callable[[dict[str, Any]], Any] = record_key,
+        kind: str = "itscale eval",
+    ):
         self.path = Path(path)
-        self.results = ResultStore(self.path / RESULTS)
+        self.results = ResultStore(self.path / results, key)
+        self.kind = kind
 
     @property
     def config_path(self) -> Path:
@@ -123,7 +133,9 @@ class OutputDir:
         config = self.read_config()
         if config is None:
             if self.results.path.exists():
-                raise UsageError(f"{self.path} has {RESULTS} but no {CONFIG}: not an itscale eval directory")
+                raise UsageError(
+                    f"{self.path} has {self.results.path.name} but no {CONFIG}: not an {self.kind} directory"
+                )
             return
         differences = diff_identity(config.get("identity", {}), identity)
         if differences:
@@ -150,7 +162,7 @@ class OutputDir:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UsageError(f"another itscale eval is writing to {self.path}: wait for it or stop it") from None
+                raise UsageError(f"another {self.kind} is writing to {self.path}: wait for it or stop it") from None
             try:
                 yield
             finally:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from itscale.errors import UsageError
 from itscale.types import Prompt
@@ -73,6 +75,9 @@ class StepOutput:
     prompt_tokens: int = 0
     logprob: float | None = None
     self_certainty: float | None = None
+    # The generator's hidden state at the position that predicted the step's last token,
+    # when the backend supplies it (the embedded engine with features on).
+    features: np.ndarray | None = field(default=None, repr=False)
 
 
 class Branch:

@@ -197,6 +197,25 @@ def model_path(name_or_path: str) -> Path:
     raise UsageError(f"unknown model {name_or_path!r}: use one of {known}, or a path to a .gguf file")
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def model_sha256(name_or_path: str | Path) -> str:
+    """The sha256 of a model's GGUF file: a named model's is known (its file was checked
+    against it); a path's is computed once per process and file version."""
+    if str(name_or_path) in MODELS:
+        return MODELS[str(name_or_path)].sha256
+    path = Path(name_or_path).expanduser().resolve()
+    for model in MODELS.values():  # a named model's file, verified once per modification
+        if path.stat().st_size == model.size and _is_verified(model, path):
+            return model.sha256
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _HASHES:
+        _HASHES[key] = _sha256(path)
+    return _HASHES[key]
+
+
 def model_status(name: str) -> str:
     """One word for `itscale models`: ready, installed (not yet assembled) or missing."""
     model = MODELS[name]

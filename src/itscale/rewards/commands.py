@@ -17,6 +17,7 @@ Aggregations of step scores (algorithm option aggregation=...): last, min, prod,
 def add_commands(subparsers: Any) -> None:
     parser = subparsers.add_parser("rewards", help="list the rewards and how to combine them")
     parser.set_defaults(handler=_list_rewards)
+    add_train_command(subparsers)
 
 
 def _list_rewards(args: argparse.Namespace) -> int:
@@ -34,3 +35,248 @@ def _list_rewards(args: argparse.Namespace) -> int:
     print()
     print(SPEC_HELP)
     return 0
+
+
+TRAIN_EPILOG = """\
+examples:
+  itscale train-reward --dataset gsm8k_train --limit 500 --samples 4 --max-tokens 512 --out runs/probe
+  itscale train-reward --out runs/probe --train-only --head mlp          # retrain on the saved rollouts
+  itscale solve "..." --reward 'probe(path="runs/probe")'
+
+Sampling resumes: run the same command again and only missing problems are sampled; a larger
+--limit adds problems. The rollouts (with hidden states) stay in DIR/rollouts.jsonl; the head
+is DIR/head.npz and its model card DIR/card.json.
+"""
+
+
+def add_train_command(subparsers: Any) -> None:
+    from itscale.cli import add_settings_arguments
+    from itscale.lm.models import DEFAULT_MODEL
+
+    parser = subparsers.add_parser(
+        "train-reward",
+        help="train a value head on the generator's hidden states (a learned process reward)",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dataset", default="gsm8k_train", help="a JSONL path or a named set (default gsm8k_train)")
+    parser.add_argument("--data-dir", help="where named sets live (default: $ITSCALE_DATA_DIR, else ../shared/data)")
+    parser.add_argument("--limit", type=int, help="only the first N problems")
+    parser.add_argument("--samples", type=int, default=4, help="rollouts per problem (default 4)")
+    parser.add_argument(
+        "--mc-rollouts", type=int, default=0, help="Monte Carlo labels: continuations per step prefix (default 0: none)"
+    )
+    parser.add_argument("--mc-limit", type=int, help="Monte Carlo labels only on the first N problems")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"named model or GGUF path (default {DEFAULT_MODEL})")
+    parser.add_argument("--out", required=True, help="directory for the head and its card (and the rollouts)")
+    parser.add_argument("--rollouts", help="directory of the sampled rollouts, if not --out")
+    parser.add_argument("--concurrency", type=int, default=8, help="problems sampled at once (default 8)")
+    parser.add_argument("--n-threads", type=int, default=None, help="CPU threads for llama.cpp")
+    parser.add_argument("--label", choices=["outcome", "mc"], default="outcome", help="labels to train on")
+    parser.add_argument("--head", choices=["auto", "linear", "mlp"], default="auto", help="head kind (auto: both)")
+    parser.add_argument("--hidden", type=int, default=64, help="MLP hidden units (default 64)")
+    parser.add_argument("--train-rollouts", type=int, help="train on the first N rollouts only (data-size studies)")
+    parser.add_argument("--sample-only", action="store_true", help="sample, do not train")
+    parser.add_argument("--train-only", action="store_true", help="train on the saved rollouts, sample nothing")
+    parser.add_argument(
+        "--allow-test-split", action="store_true", help="train on a file named *_test (refused by default)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings_arguments(parser)
+    parser.set_defaults(handler=_train_reward, parser=parser)
+
+
+def _train_reward(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from itscale.cli import settings_from
+    from itscale.errors import UsageError
+    from itscale.eval.commands import command_line
+    from itscale.eval.datasets import load_dataset
+    from itscale.rewards.training import TrainSettings, examples_from, rollout_dir, train, write_head
+
+    # Everything a user can get wrong is checked before a model is loaded.
+    if args.budget is not None:
+        raise UsageError("itscale train-reward takes --samples (rollouts per problem), not --budget")
+    for flag, value, low in (
+        ("--samples", args.samples, 1),
+        ("--concurrency", args.concurrency, 1),
+        ("--mc-rollouts", args.mc_rollouts, 0),
+        ("--hidden", args.hidden, 1),
+    ):
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a positive integer, got {args.limit}")
+    if args.train_rollouts is not None and args.train_rollouts < 2:
+        raise UsageError(f"--train-rollouts must be at least 2, got {args.train_rollouts}")
+    if args.sample_only and args.train_only:
+        raise UsageError("--sample-only and --train-only exclude each other")
+    if args.label == "mc" and not args.mc_rollouts and not args.train_only:
+        raise UsageError("--label mc needs Monte Carlo labels: sample with --mc-rollouts K")
+    settings = settings_from(args)
+    seed = settings.seed
+    out = Path(args.out)
+    directory = rollout_dir(args.rollouts or out)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    if Path(dataset.source).stem.endswith("_test") and not args.allow_test_split:
+        raise UsageError(
+            f"{dataset.source} is a test split: train on training data (gsm8k_train), or pass --allow-test-split"
+        )
+    problems = dataset.head(args.limit)
+    command = command_line(args, "train-reward")
+
+    if not args.train_only:
+        _sample(args, directory, dataset, problems, settings, seed, command)
+    if args.sample_only:
+        return 0
+
+    config = directory.read_config()
+    if config is None:
+        raise UsageError(f"no rollouts in {directory.path}: sample first (run without --train-only)")
+    identity = config["identity"]
+    if identity["dataset"]["fingerprint"] != dataset.fingerprint:
+        raise UsageError(f"the rollouts in {directory.path} were sampled from another dataset than {args.dataset}")
+    saved = directory.results.load()
+    records = [saved[p.id] for p in problems if p.id in saved]
+    if args.train_rollouts is not None:
+        records = _first_rollouts(records, args.train_rollouts)
+    if len(records) < 2:
+        raise UsageError(f"{len(records)} problem(s) sampled in {directory.path}: too few to train on")
+    data = examples_from(records, identity["generator"]["n_embd"], args.label)
+    train_settings = TrainSettings(kind=args.head, hidden=args.hidden, seed=seed)
+    head, report = train(data, len(records), train_settings)
+    card = write_head(out, head, report, identity, records, data, args.label, train_settings, command, args.dataset)
+    v = card["validation"]
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    print(
+        f"{card['head']['kind']} head on {card['data']['rollouts']} rollouts ({card['data']['steps']} steps) of "
+        f"{len(records)} problems: validation AUROC pooled {number(v['auroc_pooled'])}, within a problem "
+        f"{number(v['auroc_within'])} ({v['mixed_problems']} mixed problems); written to {out}"
+    )
+    return 0
+
+
+def _first_rollouts(records: list[dict], n: int) -> list[dict]:
+    """The records cut to their first `n` rollouts in problem order (the last one trimmed)."""
+    kept, left = [], n
+    for record in records:
+        if left <= 0:
+            break
+        samples = record["samples"][:left]
+        kept.append({**record, "samples": samples})
+        left -= len(samples)
+    return kept
+
+
+def _sample(
+    args: argparse.Namespace, directory: Any, dataset: Any, problems: list, settings: Any, seed: int, command: list[str]
+) -> None:
+    import asyncio
+    import datetime
+
+    from itscale.lm.llamacpp import LlamaCppModel
+    from itscale.rewards.training import sample_rollouts, sampling_identity
+
+    lm = LlamaCppModel(args.model, n_ctx=32768, n_seq_max=256, n_threads=args.n_threads)
+    try:
+        lm.enable_features()
+        identity = sampling_identity(lm, dataset, settings, args.samples, args.mc_rollouts, seed)
+        with directory.lock():
+            directory.check(identity)
+            done = directory.results.load()
+            todo = [p for p in problems if p.id not in done]
+            directory.record(
+                identity,
+                {
+                    "command": command,
+                    "limit": args.limit,
+                    "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                },
+            )
+            with _SamplingProgress(len(problems), len(problems) - len(todo), args.samples, not args.no_progress) as bar:
+
+                def sink(record: dict) -> None:
+                    directory.results.append([record])
+                    bar.advance(record)
+
+                asyncio.run(
+                    sample_rollouts(
+                        lm,
+                        problems,
+                        set(done),
+                        settings,
+                        args.samples,
+                        args.mc_rollouts,
+                        seed,
+                        sink,
+                        concurrency=args.concurrency,
+                        mc_limit=args.mc_limit,
+                    )
+                )
+    finally:
+        lm.shutdown()
+
+
+class _SamplingProgress:
+    """A bar over problems with the share of right rollouts, generated tokens/s and an ETA;
+    one plain line per problem when stderr is not a terminal (a log file)."""
+
+    def __init__(self, total: int, done: int, samples: int, enabled: bool):
+        import time
+
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.plain = enabled and not self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("sampling"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not enabled or self.plain,
+        )
+        self.task = self.progress.add_task("sampling", total=total, completed=done, stats="")
+        self.total, self.done, self.started = total, done, time.time()
+        self.right = self.rollouts = self.tokens = 0
+        self.samples = samples
+
+    def __enter__(self) -> _SamplingProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def advance(self, record: dict) -> None:
+        import time
+
+        self.done += 1
+        self.rollouts += len(record["samples"])
+        self.right += sum(s["correct"] for s in record["samples"])
+        self.tokens += record["usage"]["completion_tokens"]
+        elapsed = time.time() - self.started
+        rate = self.tokens / max(elapsed, 1e-9)
+        stats = f"right {self.right}/{self.rollouts}, {rate:.0f} tok/s"
+        self.progress.update(self.task, advance=1, stats=stats)
+        if self.plain:
+            per_problem = elapsed / max(1, self.done_here)
+            eta = per_problem * (self.total - self.done)
+            self.console.print(
+                f"{time.strftime('%H:%M:%S')} {record['problem']}: "
+                f"{sum(s['correct'] for s in record['samples'])}/{len(record['samples'])} right | "
+                f"{self.done}/{self.total} problems, {stats}, ETA ~{eta / 3600:.1f} h",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+
+    @property
+    def done_here(self) -> int:
+        return self.rollouts // max(1, self.samples)

@@ -198,6 +198,27 @@ def _self_certainty_kl(lm: Any, judge_model: Any, scale: float | None = None):
     return _self_certainty(lm, judge_model, "kl", scale)
 
 
+def _probe(lm: Any, judge_model: Any, path: str | None = None):
+    from itscale.lm.llamacpp import LlamaCppModel
+    from itscale.rewards.probe import ProbeReward, shipped_head
+
+    model = lm if isinstance(lm, LlamaCppModel) else judge_model
+    if not isinstance(model, LlamaCppModel):
+        raise UsageError(
+            "the probe reward reads the hidden states of the embedded model its head was trained for: with a "
+            "server generator, give that model as the judge (CLI: --judge-model qwen2.5-coder-0.5b), and the "
+            "server's steps are evaluated on it"
+        )
+    if path is None:
+        path = shipped_head(model.name)
+        if path is None:
+            raise UsageError(
+                f"no probe head is shipped for {model.name}: train one with `itscale train-reward --model "
+                f'{model.name} --out DIR`, then use probe(path="DIR")'
+            )
+    return ProbeReward(model, path)
+
+
 def _reference(lm: Any, judge_model: Any, reference: str | None = None):
     from itscale.rewards.reference import ReferenceVerifier
 
@@ -213,6 +234,9 @@ REWARDS: dict[str, RewardEntry] = {
     "self-certainty": RewardEntry(_self_certainty, "exp(mean token log-probability) of the step (free)"),
     "self-certainty-kl": RewardEntry(
         _self_certainty_kl, "mean KL(uniform || p) of the step tokens, mapped to [0, 1] (free)"
+    ),
+    "probe": RewardEntry(
+        _probe, "P(right | prefix) from a head trained on the generator's hidden states (free beside generation)"
     ),
     "reference": RewardEntry(_reference, "1 if the answer matches the known one: evaluation only, warns"),
 }

@@ -286,7 +286,7 @@ class Run:
     def _record(self, p: Particle, out: StepOutput, settings: StepSettings) -> None:
         """Appends a generated step to its particle, counts it, and ends the particle if
         the step ended its answer."""
-        p.steps.append(Step(out.text, out.tokens, out.end, out.logprob, out.self_certainty))
+        p.steps.append(Step(out.text, out.tokens, out.end, out.logprob, out.self_certainty, features=out.features))
         self.usage.prompt_tokens += out.prompt_tokens
         self.usage.completion_tokens += out.tokens
         if out.end == "eos":
