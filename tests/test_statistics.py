@@ -263,18 +263,69 @@ async def test_dvts_keeps_one_best_particle_per_subtree(lm) -> None:
         lm, "toy", settings(budget=8, seed=9), reward=PotentialReward(G)
     )
     assert len(result.particles) == 2  # 8 / 4 subtrees, one final particle each
-    assert {p.tag for p in result.particles} == {0, 1}
+    assert {p.tag for p in result.particles} == {(0, 4), (1, 4)}
+
+
+def live_counter(counts: list[int]):
+    return lambda run: counts.append(sum(not p.finished for p in run.particles))
+
+
+@pytest.mark.parametrize("budget", [5, 6, 7])
+async def test_dvts_never_holds_more_than_the_budget_when_the_width_does_not_divide_it(lm, budget) -> None:
+    live: list[int] = []
+    result = await make_algorithm("dvts", beam_width=4).run(
+        lm, "toy", settings(budget=budget, seed=2), reward=PotentialReward(G), observer=live_counter(live)
+    )
+    assert live and max(live) <= budget, live  # was 8 for budget 6: two subtrees of 4
+    assert live[0] == budget  # the narrower last subtree still expands to its own width
+    assert {p.tag for p in result.particles} <= {(0, 4), (1, budget - 4)}
+    assert lm.rollouts_started == budget
+
+
+async def test_beam_search_refills_n_active_beams_and_runs_until_none_is_active(lm) -> None:
+    """search-and-learn's semantics: N active beams every iteration (refilled from the kept
+    N/M), duplicates filtered before ranking, and the search goes on until no beam is active,
+    then keeps the N best completed beams."""
+    events: list[tuple[int, int]] = []
+
+    def observe(run) -> None:
+        live = [p for p in run.particles if not p.finished]
+        events.append((len(live), len({p.text for p in live})))
+
+    budget = 8
+    result = await make_algorithm("beam-search", beam_width=4).run(
+        lm, "toy", settings(budget=budget, seed=6, max_steps=6), reward=PotentialReward(G), observer=observe
+    )
+    assert events[-1] == (0, 0)  # it stopped because no beam was active
+    for live, distinct in events[:-1]:
+        assert live == budget  # refilled to N, whatever finished
+        assert distinct <= budget // 4  # from the top N/M distinct beams
+    assert len(result.particles) <= budget and all(p.finished for p in result.particles)
+    assert len({p.text for p in result.particles}) == len(result.particles)
+    assert lm.extended_finished == 0
+
+
+@pytest.mark.parametrize("name", ["particle-gibbs", "parallel-tempering"])
+async def test_sweeping_algorithms_never_start_more_rollouts_than_the_budget(name) -> None:
+    for budget in range(1, 10):
+        lm = MarkovLM(TRANS, STOP)
+        result = await make_algorithm(name, sweeps=2).run(
+            lm, "toy", settings(budget=budget, seed=budget), reward=PotentialReward(G)
+        )
+        assert lm.rollouts_started <= budget, (budget, lm.rollouts_started)
+        needed = 4 if name == "particle-gibbs" else 8
+        if budget < needed:  # too small to run as configured: the result says what it ran
+            assert "needs a budget of at least" in result.diagnostics["budget_note"], result.diagnostics
+        if budget == 1:
+            assert lm.rollouts_started == 1 and "single sample" in result.diagnostics["budget_note"]
 
 
 @pytest.mark.parametrize("name", ["beam-search", "dvts"])
 async def test_a_budget_below_the_beam_width_never_holds_more_particles(lm, name) -> None:
-    def live_particles(run) -> None:
-        live.append(sum(not p.finished for p in run.particles))
-
     for budget in (1, 2, 3):
         live: list[int] = []
         result = await make_algorithm(name, beam_width=4).run(
-            lm, "toy", settings(budget=budget, seed=3), reward=PotentialReward(G), observer=live_particles
+            lm, "toy", settings(budget=budget, seed=3), reward=PotentialReward(G), observer=live_counter(live)
         )
         assert live and max(live) <= budget, (budget, live)  # extended at once: at most N
         assert result.usage.completion_tokens <= budget * (T + 1)  # one token a step, and the end

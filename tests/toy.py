@@ -29,6 +29,7 @@ class ToyBranch(Branch):
     prompt: Prompt
     steps: list[str] = field(default_factory=list)
     finished: bool = False
+    root: bool = False  # made by start(): a fork of it begins a new rollout
 
 
 class MarkovLM:
@@ -39,11 +40,13 @@ class MarkovLM:
         self.calls = 0
         self.generated = 0  # tokens generated, to check a search's usage against
         self.extended_finished = 0  # a finished branch must never be extended
+        self.rollouts_started = 0  # forks of a prompt's root: what a budget counts
 
     async def start(self, prompt: Prompt) -> ToyBranch:
-        return ToyBranch(prompt)
+        return ToyBranch(prompt, root=True)
 
     def fork(self, branch: Branch, steps: int | None = None) -> ToyBranch:
+        self.rollouts_started += getattr(branch, "root", False)
         k = len(branch.steps) if steps is None else steps
         return ToyBranch(branch.prompt, branch.steps[:k], branch.finished and k == len(branch.steps))
 

@@ -1,19 +1,30 @@
 """Beam search and DVTS with search-and-learn's semantics (Hugging Face, Beeching et al.).
 
-Beam search: N particles, beam width M. After every step the live particles are ranked by
-their aggregated step reward, the top N/M kept and each expanded M times (its copies take
-different samples next step). A finished particle leaves the beam and joins the completed
-set; duplicate completed particles (the same text) are removed before selection, and the
-search ends when N particles have completed or none is live. The answer is the completed
-particle with the best reward. A budget below the beam width narrows the beam to N (budget 1
-keeps and extends one particle): a run never holds more than N particles, so budgets 1 and 2
-cost what they say. With `lookahead=k`, each live particle is ranked by the
-reward of a greedy k-step continuation of a fork (its tokens count; the continuation is
-discarded).
+Beam search: N particles, beam width M. Every iteration N beams are active: each takes a
+step; beams that finished join the completed set (absorbing: kept, never extended); among
+the live ones, duplicates (the same text) are dropped, the top N/M by aggregated step reward
+are kept, and the N active beams of the next iteration are refilled from them round-robin
+(their copies take different samples next step). The search runs until no beam is active
+(all finished, or the step cap), then keeps the N completed beams with the best reward; the
+answer is the best of them. A budget below the beam width narrows the beam to N (budget 1
+keeps and extends one particle): a run never has more than N active beams, so every budget
+costs what it says. With `lookahead=k`, each live beam is ranked by the reward of a greedy
+k-step continuation of a fork (its tokens count; the continuation is discarded).
 
-DVTS (diverse verifier tree search): the N particles form N/M independent subtrees of M.
-Each subtree keeps only its best new particle and expands it M times; a subtree whose best
-particle has finished is done. The answer is the best of the subtrees' final particles.
+Deliberate differences from search-and-learn's `beam_search.py`, each for a reason:
+- the top N/M are chosen among the live beams *after* duplicates are dropped (the reference
+  computes the top indices over the list before filtering, so a kept index can point at
+  another beam than the one ranked);
+- completed beams with the same text count once (the best-scored copy): N copies of one
+  answer would crowd the final N and pick nothing new;
+- with fewer than N completed beams at the end the result holds fewer particles (the
+  reference duplicates completed beams up to N, which changes nothing but the vote).
+
+DVTS (diverse verifier tree search): the N particles form ceil(N/M) independent subtrees, of
+M particles each (the last one narrower when M does not divide N, so a run never holds more
+than N). Each subtree keeps only its best new particle and expands it back to its width; a
+subtree whose best particle has finished is done. The answer is the best of the subtrees'
+final particles.
 """
 
 from __future__ import annotations
@@ -41,16 +52,24 @@ class BeamSearch(Search):
         return {**super().describe(), "beam_width": self.beam_width, "lookahead": self.lookahead}
 
     async def select(self, run: Run) -> None:
-        completed = self.completed(run)
         budget = run.settings.budget
-        live = [i for i, p in enumerate(run.particles) if not p.finished]
-        if not live or len(completed) >= budget:
-            run.select(completed)  # done: the distinct completed particles, live ones dropped
+        completed = self.completed(run)
+        live = self.distinct([i for i, p in enumerate(run.particles) if not p.finished], run.particles)
+        if not live:  # no beam active: keep the best N completed
+            best = sorted(completed, key=lambda i: -_score(run.particles[i]))[:budget]
+            run.select(sorted(best))
             return
         ranking = await self.ranking_scores(run, live)
-        width = self.width(budget)
-        kept = sorted(live, key=lambda i: -ranking[i])[: budget // width]
-        run.select(completed + [i for i in kept for _ in range(width)])
+        kept = sorted(live, key=lambda i: -ranking[i])[: max(1, budget // self.width(budget))]
+        run.select(completed + [kept[k % len(kept)] for k in range(budget)])
+
+    @staticmethod
+    def distinct(indices: list[int], particles: list[Particle]) -> list[int]:
+        """The first of every group of particles with the same text."""
+        seen: dict[str, int] = {}
+        for i in indices:
+            seen.setdefault(particles[i].text, i)
+        return list(seen.values())
 
     def width(self, budget: int) -> int:
         """The beam width at this budget: never more particles than the budget."""
@@ -89,21 +108,22 @@ class DVTS(BeamSearch):
     name = "dvts"
 
     async def select(self, run: Run) -> None:
-        width = self.width(run.settings.budget)
+        budget = run.settings.budget
+        width = self.width(budget)
         subtrees: dict[int, list[int]] = {}
         for i, p in enumerate(run.particles):
-            if p.tag is None:
-                p.tag = i // width  # first step: N/M subtrees of M particles each
+            if p.tag is None:  # first step: ceil(N/M) subtrees of M, the last one narrower
+                p.tag = (i // width, min(width, budget - (i // width) * width))
             subtrees.setdefault(p.tag, []).append(i)
         live = [i for i, p in enumerate(run.particles) if not p.finished]
         ranking = await self.ranking_scores(run, live)
         parents = []
-        for members in subtrees.values():
+        for (_, size), members in subtrees.items():
             best = max(members, key=lambda i: ranking.get(i, _score(run.particles[i])))
             if run.particles[best].finished:
                 parents.append(best)  # the subtree is done: its best particle has finished
             else:
-                parents += [best] * width
+                parents += [best] * size
         run.select(parents)
 
 

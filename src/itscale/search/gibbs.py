@@ -13,6 +13,13 @@ all chains every step). After each sweep, neighbouring chains swap reference tra
 with probability min(1, π_k(x_{k+1}) π_{k+1}(x_k) / (π_k(x_k) π_{k+1}(x_{k+1}))), which for
 these targets is min(1, (r(x_{k+1}) / r(x_k))^(1/T_k − 1/T_{k+1})). Hot chains explore, the
 cold chain (T = 1) gives the answer. Budget M × N × K.
+
+A budget is a promise: neither ever starts more particles than it. Conditional SMC needs two
+particles a sweep (the reference and one new), so particle Gibbs at a budget below
+2 × sweeps runs as many sweeps as it can afford (one sweep of N particles is a particle
+filter; budget 1 is a single sample), and parallel tempering at a budget below
+2 × sweeps × chains runs its cold chain alone, as particle Gibbs. Either says so in
+`Result.diagnostics["budget_note"]`.
 """
 
 from __future__ import annotations
@@ -52,14 +59,23 @@ class ParticleGibbs(ParticleFilter):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "sweeps": self.sweeps}
 
+    def plan(self, budget: int) -> tuple[int, int]:
+        """(particles a sweep, sweeps) within the budget: as many sweeps as asked while
+        each has two particles, and at least one sweep."""
+        sweeps = max(1, min(self.sweeps, budget // 2))
+        return budget // sweeps, sweeps
+
     def population_size(self, budget: int) -> int:
-        return max(2, budget // self.sweeps)
+        return self.plan(budget)[0]
 
     async def search(self, run: Run) -> Result:
-        n = self.population_size(run.settings.budget)
+        n, sweeps = self.plan(run.settings.budget)
+        note = budget_note(self.name, run.settings.budget, n, sweeps, self.sweeps, 1)
+        if note:
+            run.diagnostics["budget_note"] = note
         reference: Particle | None = None
         references = []
-        for sweep in range(self.sweeps):
+        for sweep in range(sweeps):
             await self.start_sweep(run, n, sweep, reference)
             await lockstep([run])
             reference = self.end_sweep(run, reference)
@@ -143,10 +159,21 @@ class ParallelTempering(Search):
         return {**super().describe(), "temperatures": self.temperatures, "sweeps": self.sweeps}
 
     def population_size(self, budget: int) -> int:
-        return max(2, budget // (len(self.chains) * self.sweeps))
+        return budget // (len(self.chains) * self.sweeps)
 
     async def search(self, run: Run) -> Result:
-        n = self.population_size(run.settings.budget)
+        budget = run.settings.budget
+        n = self.population_size(budget)
+        if n < 2:  # cannot afford every chain: the cold chain alone, as particle Gibbs
+            cold = self.chains[0]
+            result = await cold.search(run.spawn(cold, key=1))
+            result.algorithm = self.name
+            result.settings.update(self.describe())
+            per_sweep, sweeps = cold.plan(budget)
+            result.diagnostics["budget_note"] = budget_note(
+                self.name, budget, per_sweep, sweeps, self.sweeps, len(self.chains), cold_only=True
+            )
+            return result
         chains = [run.spawn(chain, key=k + 1) for k, chain in enumerate(self.chains)]
         references: list[Particle | None] = [None] * len(chains)
         swaps = {"attempted": 0, "accepted": 0}
@@ -193,6 +220,26 @@ class ParallelTempering(Search):
             return 1.0
         exponent = (1 / t_cold - 1 / t_hot) * (math.log(r_hot) - math.log(r_cold))
         return 1.0 if exponent >= 0 else math.exp(exponent)
+
+
+def budget_note(
+    name: str, budget: int, n: int, sweeps: int, wanted_sweeps: int, chains: int, cold_only: bool = False
+) -> str | None:
+    """What a budget too small for the algorithm's settings made it run instead, or None."""
+    needed = 2 * wanted_sweeps * chains
+    if not cold_only and sweeps == wanted_sweeps and n * sweeps == budget:
+        return None
+    ran = "a single sample" if n == 1 else f"{sweeps} sweep(s) of {n} particles"
+    if cold_only:
+        ran = f"its cold chain alone, as particle Gibbs: {ran}"
+    unused = budget - n * sweeps
+    spare = f"; {unused} of the budget unused (it does not divide evenly)" if unused else ""
+    if budget >= needed and not cold_only:
+        return f"{name} ran {ran}{spare}"
+    return (
+        f"{name} with {chains} chain(s) x {wanted_sweeps} sweeps needs a budget of at least {needed} "
+        f"(2 particles a sweep); at budget {budget} it ran {ran}{spare}"
+    )
 
 
 def describe_references(references: Sequence[Particle]) -> list[dict[str, Any]]:
