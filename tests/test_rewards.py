@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 
 import pytest
 
-from itscale.errors import RewardError, UsageError
+from itscale.errors import BackendError, RewardError, UsageError
 from itscale.rewards import ProductReward, RewardGuard, ScoreRequest, Scores, aggregate
 from itscale.rewards.arithmetic import ArithmeticVerifier, find_equations
 from itscale.rewards.base import CachedReward
@@ -251,7 +252,8 @@ def test_aggregations():
 
 
 class Raising(CachedReward):
-    """Raises on the first `failures` calls, then scores 0.7."""
+    """Fails like a remote reward whose server went away on the first `failures` calls, then
+    scores 0.7."""
 
     name = "raising"
 
@@ -262,8 +264,17 @@ class Raising(CachedReward):
     async def _score(self, requests):
         self.calls += 1
         if self.calls <= self.failures:
-            raise RuntimeError("the reward server went away")
+            raise BackendError("the reward server went away")
         return Scores([0.7] * len(requests))
+
+
+class Buggy(CachedReward):
+    """A programming error inside a reward."""
+
+    name = "buggy"
+
+    async def _score(self, requests):
+        return Scores([len(None) for _ in requests])  # type: ignore[arg-type]
 
 
 class Constant(CachedReward):
@@ -296,13 +307,19 @@ async def run_pf(smol, reward, **settings):
     return await make_algorithm("particle-filter").run(smol, "What is 12 * 7?", reward=reward, **{**TINY, **settings})
 
 
-async def test_a_reward_that_raises_once_does_not_kill_the_run(smol):
+async def test_a_reward_that_fails_once_does_not_kill_the_run(smol):
     result = await run_pf(smol, Raising(failures=1), reward_fallback=0.3)
     assert result.diagnostics["reward_failures"] == 1
-    assert "RuntimeError: the reward server went away" in result.diagnostics["reward_errors"][0]
-    step_scores = [s.score for p in result.particles for s in p.steps]
-    assert 0.3 in step_scores  # the failed batch got the fallback
-    assert result.answer is not None or result.particles
+    assert "BackendError: the reward server went away" in result.diagnostics["reward_errors"][0]
+    first_step_scores = {p.steps[0].score for p in result.particles}
+    assert first_step_scores == {0.3}  # the failed (first) batch got the fallback
+    later = [s.score for p in result.particles for s in p.steps[1:]]
+    assert later and set(later) == {0.7}  # and the reward scored again once it came back
+
+
+async def test_a_bug_in_a_reward_surfaces_instead_of_becoming_the_fallback(smol):
+    with pytest.raises(TypeError, match="len"):
+        await run_pf(smol, Buggy(), max_reward_failures=100)
 
 
 @pytest.mark.parametrize("value", [math.nan, 1.5, -0.2])
@@ -312,6 +329,32 @@ async def test_invalid_values_get_the_fallback_and_are_counted(smol, value):
     assert scores and all(s == 0.4 for s in scores)
     assert result.diagnostics["reward_invalid_values"] >= len(result.particles)
     assert "NaN or outside [0, 1]" in result.diagnostics["reward_errors"][0]
+
+
+class SlowChecks(ArithmeticVerifier):
+    """An arithmetic verifier whose check blocks (CPU-bound work, or a pathological step)."""
+
+    def check(self, text: str) -> float:
+        time.sleep(3)
+        return super().check(text)
+
+
+async def test_the_timeout_fires_for_a_reward_that_blocks(smol):
+    """The arithmetic verifier checks in a worker thread, so a check that takes too long is
+    cut off by the reward timeout instead of stalling the event loop until it returns."""
+    started = time.perf_counter()
+    result = await run_pf(smol, SlowChecks(), reward_timeout=0.2, reward_fallback=0.6, max_steps=1)
+    assert time.perf_counter() - started < 2.5  # the check alone takes 3 s
+    assert "TimeoutError" in result.diagnostics["reward_errors"][0]
+    assert all(s.score == 0.6 for p in result.particles for s in p.steps)
+
+
+def test_nested_powers_are_bounded_work_not_a_hang():
+    verifier = ArithmeticVerifier()
+    started = time.perf_counter()
+    assert verifier.check("(((9^64)^64)^64)^64 = 1") == verifier.neutral  # too big to check: no verdict
+    assert verifier.check("2^10 * 2^10 = 1048576") == verifier.right  # ordinary powers still checked
+    assert time.perf_counter() - started < 0.5  # was 26 s
 
 
 async def test_a_reward_that_times_out_gets_the_fallback(smol):
@@ -328,14 +371,14 @@ async def test_a_reward_returning_the_wrong_number_of_scores_is_a_failure(smol):
 
 async def test_repeated_failures_stop_the_run_with_a_clear_error(smol):
     with pytest.raises(
-        RewardError, match=r"reward 'raising' failed 2 times .*went away.*max_reward_failures \(now 1\)"
+        RewardError, match=r"reward 'raising' failed 2 times .*went away.*max_reward_failures \(now 2\)"
     ):
-        await run_pf(smol, Raising(failures=100), max_reward_failures=1, max_steps=3)
+        await run_pf(smol, Raising(failures=100), max_reward_failures=2, max_steps=3)
 
 
-async def test_guard_on_its_own_counts_and_raises():
-    guard = RewardGuard(Raising(failures=100), fallback=0.2, max_failures=1)
+async def test_guard_stops_after_max_failures_failures_as_it_says():
+    guard = RewardGuard(Raising(failures=100), fallback=0.2, max_failures=2)
     assert (await guard.score([request("a")])).values == [0.2]
-    with pytest.raises(RewardError):
+    with pytest.raises(RewardError, match="failed 2 times"):
         await guard.score([request("b")])
     assert guard.diagnostics()["reward_failures"] == 2

@@ -24,6 +24,7 @@ Pure Python, no model: tens of thousands of steps per second (see benchmarks/rew
 from __future__ import annotations
 
 import ast
+import asyncio
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -33,6 +34,11 @@ from itscale.rewards.base import CachedReward, ScoreRequest, Scores
 
 MAX_EXPRESSION_CHARS = 200
 MAX_EXPONENT = 64
+# The work per expression is bounded: no intermediate value (numerator or denominator) may
+# grow past this many bits, and operators may not nest deeper than MAX_DEPTH, so a step such
+# as "(((9^64)^64)^64)^64 = 1" is not checkable rather than minutes of big-integer powers.
+MAX_BITS = 4096
+MAX_DEPTH = 32
 
 # LaTeX and unicode spellings of operators, rewritten before equations are looked for.
 _LATEX = [
@@ -201,28 +207,44 @@ def _evaluated_stripped(expression: str) -> tuple[str, Fraction] | None:
         return None
 
 
-def _value(node: ast.AST) -> Fraction:
-    """Exact value of an arithmetic syntax tree; anything else is a ValueError."""
+def _value(node: ast.AST, depth: int = 0) -> Fraction:
+    """Exact value of an arithmetic syntax tree; anything else, or anything too big to
+    check quickly (see MAX_BITS, MAX_DEPTH), is a ValueError."""
+    if depth > MAX_DEPTH:
+        raise ValueError("nested too deeply")
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
-        return Fraction(str(node.value)) if isinstance(node.value, float) else Fraction(node.value)
+        value = Fraction(str(node.value)) if isinstance(node.value, float) else Fraction(node.value)
+        return _bounded(value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        value = _value(node.operand)
+        value = _value(node.operand, depth + 1)
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp):
-        left, right = _value(node.left), _value(node.right)
+        left, right = _value(node.left, depth + 1), _value(node.right, depth + 1)
         if isinstance(node.op, ast.Add):
-            return left + right
+            return _bounded(left + right)
         if isinstance(node.op, ast.Sub):
-            return left - right
+            return _bounded(left - right)
         if isinstance(node.op, ast.Mult):
-            return left * right
+            return _bounded(left * right)
         if isinstance(node.op, ast.Div):
-            return left / right
+            return _bounded(left / right)
         if isinstance(node.op, ast.Pow):
             if right.denominator != 1 or abs(right) > MAX_EXPONENT:
                 raise ValueError("unsupported exponent")
+            if _bits(left) * abs(int(right)) > MAX_BITS:  # decided before computing it
+                raise ValueError("the power is too large to check")
             return left ** int(right)
     raise ValueError(f"not arithmetic: {ast.dump(node)[:40]}")
+
+
+def _bits(value: Fraction) -> int:
+    return max(value.numerator.bit_length(), value.denominator.bit_length())
+
+
+def _bounded(value: Fraction) -> Fraction:
+    if _bits(value) > MAX_BITS:
+        raise ValueError("an intermediate value is too large to check")
+    return value
 
 
 class ArithmeticVerifier(CachedReward):
@@ -245,5 +267,8 @@ class ArithmeticVerifier(CachedReward):
         return self.right if all(e.holds for e in equations) else self.wrong
 
     async def _score(self, requests: list[ScoreRequest]) -> Scores:
-        # A process request is about its last step; a prefix request about all of it.
-        return Scores([self.check(r.steps[-1]) for r in requests])
+        # A process request is about its last step; a prefix request about all of it. The
+        # checks run in a worker thread: the event loop keeps serving, and the reward's
+        # timeout can fire.
+        texts = [r.steps[-1] for r in requests]
+        return Scores(await asyncio.to_thread(lambda: [self.check(t) for t in texts]))

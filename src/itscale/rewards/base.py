@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from itscale.errors import RewardError, UsageError
+import httpx
+
+from itscale.errors import ItscaleError, RewardError, UsageError
 from itscale.lm.base import Branch
 from itscale.types import Prompt, Step
 
@@ -91,7 +93,7 @@ class CachedReward:
         if missing:
             fresh = await self._score(list(missing.values()))
             if len(fresh.values) != len(missing):
-                raise ValueError(f"{self.name} returned {len(fresh.values)} scores for {len(missing)} requests")
+                raise RewardError(f"{self.name} returned {len(fresh.values)} scores for {len(missing)} requests")
             result.tokens, result.notes = fresh.tokens, fresh.notes
             for key, value in zip(missing, fresh.values, strict=True):
                 self._cache[key] = value
@@ -154,11 +156,19 @@ class ProductReward(CachedReward):
         return Scores(values, tokens=sum(p.tokens for p in parts), notes=notes)
 
 
+# Failures of a reward's world, which the guard turns into the fallback score: a timeout, a
+# server or network failure (BackendError, httpx errors, OSError), a reward that says it
+# cannot score (RewardError and other ItscaleErrors). Anything else is a bug and surfaces.
+REWARD_WORLD_FAILURES: tuple[type[BaseException], ...] = (TimeoutError, ItscaleError, OSError, httpx.HTTPError)
+
+
 @dataclass
 class RewardGuard:
-    """Keeps a failing reward from killing a run. A reward that raises, times out, returns
-    NaN or a value outside [0, 1] gives the particles `fallback`; each event is counted; once
-    `max_failures` batches have failed the run stops with a RewardError."""
+    """Keeps a failing reward from killing a run. A reward that times out, loses its server
+    or says it cannot score (`REWARD_WORLD_FAILURES`), returns NaN, a value outside [0, 1] or
+    the wrong number of scores gives the particles `fallback`; each such batch is counted,
+    and once `max_failures` batches have failed the run stops with a RewardError. Any other
+    exception is a bug in the reward and is raised as it is."""
 
     reward: Reward
     fallback: float = 0.5
@@ -171,11 +181,12 @@ class RewardGuard:
     async def score(self, requests: Sequence[ScoreRequest]) -> Scores:
         try:
             scores = await asyncio.wait_for(self.reward.score(requests), self.timeout)
-            if len(scores.values) != len(requests):
-                raise ValueError(f"returned {len(scores.values)} scores for {len(requests)} requests")
-        except Exception as error:  # the reward is arbitrary user code
+        except REWARD_WORLD_FAILURES as error:
             self._fail(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
             return Scores([self.fallback] * len(requests))
+        if len(scores.values) != len(requests):
+            self._fail(f"{self.reward.name} returned {len(scores.values)} scores for {len(requests)} requests")
+            return Scores([self.fallback] * len(requests), scores.tokens, scores.notes)
         valid = [isinstance(v, int | float) and not math.isnan(v) and 0.0 <= v <= 1.0 for v in scores.values]
         scores.values = [float(v) if ok else self.fallback for v, ok in zip(scores.values, valid, strict=True)]
         if not all(valid):
@@ -186,7 +197,7 @@ class RewardGuard:
     def _fail(self, message: str) -> None:
         self.failures += 1
         self.errors.append(message)
-        if self.failures > self.max_failures:
+        if self.failures >= self.max_failures:
             raise RewardError(
                 f"reward {self.reward.name!r} failed {self.failures} times (last: {message}); "
                 f"fix the reward, or raise max_reward_failures (now {self.max_failures})"

@@ -81,6 +81,8 @@ class SearchSettings:
             raise UsageError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.token_budget is not None and self.token_budget < 1:
             raise UsageError(f"token_budget must be positive, got {self.token_budget}")
+        if self.max_reward_failures < 1:
+            raise UsageError(f"max_reward_failures must be at least 1, got {self.max_reward_failures}")
         if not 0.0 <= self.reward_fallback <= 1.0:
             raise UsageError(f"reward_fallback must be in [0, 1], got {self.reward_fallback}")
         self.step_settings()  # validates the step fields
