@@ -382,3 +382,14 @@ async def test_guard_stops_after_max_failures_failures_as_it_says():
     with pytest.raises(RewardError, match="failed 2 times"):
         await guard.score([request("b")])
     assert guard.diagnostics()["reward_failures"] == 2
+
+
+async def test_the_score_cache_is_bounded_and_keeps_the_recently_used():
+    reward = ArithmeticVerifier()
+    reward.cache_size = 3
+    for text in ("1 + 1 = 2", "2 + 2 = 4", "3 + 3 = 6"):
+        await reward.score([request(text)])
+    await reward.score([request("1 + 1 = 2")])  # used again: now the most recent
+    await reward.score([request("4 + 4 = 8")])
+    kept = {key[1][-1] for key in reward._cache}
+    assert kept == {"1 + 1 = 2", "3 + 3 = 6", "4 + 4 = 8"}  # the least recently used went

@@ -212,3 +212,32 @@ async def test_remote_judge_uses_the_generators_server_by_default(llama_server):
         assert 0.0 < scores.values[0] < 1.0 and not scores.notes
     finally:
         await generator.close()
+
+
+async def test_an_evaluation_run_closes_the_judge_client_it_opened(llama_server, monkeypatch):
+    """A remote judge built from a URL owns its HTTP client: the evaluation closes it after
+    each run. One that talks to the generator's own server leaves that client to its owner."""
+    from itscale.eval import runner
+    from itscale.eval.datasets import Problem
+    from itscale.eval.plan import Unit
+    from itscale.search.core import SearchSettings
+
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(make_reward(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(runner, "make_reward", recording)
+    generator = OpenAIModel(llama_server, chat_template="smollm2-135m")
+    settings = SearchSettings(max_steps=1, max_tokens=8, max_step_tokens=8)
+    unit = Unit(Problem("p", "What is 2 + 2?", "4"), "best-of-n", 0, 2, (2,), False)
+    try:
+        for spec in (f'remote-judge(url="{llama_server}", chat_template=smollm2-135m)', "remote-judge"):
+            await runner.run_unit(unit, runner.Job(settings, spec), generator)
+        own, borrowed = made
+        assert own.owns_server and own.server._client is None  # opened for the run, closed after it
+        assert not borrowed.owns_server and borrowed.server is generator
+        assert generator._client is not None  # still usable: it is the caller's
+    finally:
+        await generator.close()

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -18,8 +19,15 @@ from itscale.rewards.base import ScoreRequest
 from itscale.rewards.registry import make_reward
 from itscale.types import Prompt
 
-torch = pytest.importorskip("torch", reason="the hf extra is not installed (pip install torch==2.13.0 transformers)")
-transformers = pytest.importorskip("transformers")
+try:
+    import torch
+    import transformers
+except ImportError:  # the remote-PRM tests below need neither
+    torch = transformers = None
+
+needs_torch = pytest.mark.skipif(
+    torch is None, reason="the hf extra is not installed (pip install torch==2.13.0 transformers)"
+)
 
 PROMPT = Prompt.of("Natalia sold 48 clips in April and half as many in May. How many in total?")
 STEPS = (
@@ -74,6 +82,8 @@ def tiny_config(tokenizer, **extra):
 
 @pytest.fixture(scope="module")
 def qwen_prm_dir(tmp_path_factory):
+    if torch is None:
+        pytest.skip("the hf extra is not installed")
     """A random Qwen2 model with a two-class token head, saved like a PRM checkpoint."""
     directory = tmp_path_factory.mktemp("tiny-qwen-prm")
     tokenizer = tiny_tokenizer(directory, "<extra_0>")
@@ -85,6 +95,8 @@ def qwen_prm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shepherd_prm_dir(tmp_path_factory):
+    if torch is None:
+        pytest.skip("the hf extra is not installed")
     """A random Qwen2 causal LM with the Math-Shepherd step tag in its vocabulary."""
     directory = tmp_path_factory.mktemp("tiny-shepherd-prm")
     tokenizer = tiny_tokenizer(directory, "ки")
@@ -123,6 +135,7 @@ def requests():
 # ------------------------------------------------------------------ Hugging Face PRM
 
 
+@needs_torch
 async def test_qwen_format_scores_each_separator_like_the_model_does(qwen_prm_dir):
     prm = make_reward(f'hf-prm(model="{qwen_prm_dir}", batch_size=2)')
     batch = requests()
@@ -141,6 +154,7 @@ async def test_qwen_format_scores_each_separator_like_the_model_does(qwen_prm_di
     assert again.values[0] == pytest.approx(full[1], abs=1e-5)
 
 
+@needs_torch
 async def test_batching_and_padding_do_not_change_scores(qwen_prm_dir):
     from itscale.rewards.prm import HFProcessRewardModel
 
@@ -150,6 +164,7 @@ async def test_batching_and_padding_do_not_change_scores(qwen_prm_dir):
     assert len(set(batched.values)) > 1  # a random model still tells the texts apart
 
 
+@needs_torch
 async def test_math_shepherd_format(shepherd_prm_dir):
     from itscale.rewards.prm import HFProcessRewardModel
 
@@ -164,6 +179,7 @@ async def test_math_shepherd_format(shepherd_prm_dir):
         assert value == pytest.approx(expected[-1], abs=1e-5)
 
 
+@needs_torch
 def test_unknown_format_is_a_clear_error(qwen_prm_dir):
     from itscale.errors import UsageError
 
@@ -183,11 +199,12 @@ def test_importing_itscale_does_not_import_torch():
 
 
 class _PoolingServer(BaseHTTPRequestHandler):
-    """vLLM's documented pooling API for a PRM (STEP pooler on `<extra_0>`, softmax over
-    two classes), computed with the tiny model: POST /pooling {"model", "input": [...]}."""
+    """vLLM's documented pooling API for a PRM (STEP pooler on `<extra_0>`, one row of two
+    class probabilities per separator): POST /pooling {"model", "input": [...]}. `rows`
+    computes them for one text: with the tiny model, or (no torch needed) a known function
+    of each step's text."""
 
-    model = tokenizer = None
-    separator_id = 0
+    rows = staticmethod(lambda text: ([], 0))
     drop_last_row = False
     requests_seen: list
 
@@ -206,11 +223,8 @@ class _PoolingServer(BaseHTTPRequestHandler):
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         data, prompt_tokens = [], 0
         for index, text in enumerate(inputs):
-            ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
-            prompt_tokens += ids.shape[1]
-            with torch.inference_mode():
-                probabilities = torch.softmax(self.model(input_ids=ids).logits[0], -1)
-            rows = probabilities[ids[0] == self.separator_id].tolist()
+            rows, tokens = self.rows(text)
+            prompt_tokens += tokens
             if self.drop_last_row:
                 rows = rows[:-1]
             data.append({"index": index, "object": "pooling", "data": rows})
@@ -229,32 +243,77 @@ class _PoolingServer(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def pooling_server(qwen_prm_dir):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_prm_dir)
-    model = transformers.AutoModelForTokenClassification.from_pretrained(qwen_prm_dir).eval()
-    handler = type(
-        "Handler",
-        (_PoolingServer,),
-        {
-            "model": model,
-            "tokenizer": tokenizer,
-            "separator_id": tokenizer.convert_tokens_to_ids("<extra_0>"),
-            "requests_seen": [],
-        },
-    )
+@contextmanager
+def serving(rows):
+    handler = type("Handler", (_PoolingServer,), {"rows": staticmethod(rows), "requests_seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
-async def test_remote_prm_matches_the_local_model_over_http(pooling_server, qwen_prm_dir):
-    from itscale.rewards.prm import HFProcessRewardModel
+def known_rows(text: str) -> tuple[list[list[float]], int]:
+    """P(good) of each step: (its length in characters mod 10) / 10 + 0.05."""
+    rows = []
+    for step in text.split("<extra_0>")[:-1]:
+        good = (len(step.rsplit(">", 1)[-1]) % 10) / 10 + 0.05
+        rows.append([1 - good, good])
+    return rows, len(text.split())
+
+
+@pytest.fixture
+def pooling_server():
+    with serving(known_rows) as running:
+        yield running
+
+
+@pytest.fixture
+def model_pooling_server(qwen_prm_dir):
+    """The pooling API computed with the tiny model, as vLLM would serve it."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_prm_dir)
+    model = transformers.AutoModelForTokenClassification.from_pretrained(qwen_prm_dir).eval()
+    separator = tokenizer.convert_tokens_to_ids("<extra_0>")
+
+    def rows(text: str) -> tuple[list[list[float]], int]:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            probabilities = torch.softmax(model(input_ids=ids).logits[0], -1)
+        return probabilities[ids[0] == separator].tolist(), ids.shape[1]
+
+    with serving(rows) as running:
+        yield running
+
+
+async def test_remote_prm_reads_the_positive_class_of_each_step_and_batches(pooling_server):
+    from itscale.rewards.remote_prm import prm_text
 
     url, handler = pooling_server
+    remote = make_reward(f'remote-prm(url="{url}", max_batch=2)')
+    try:
+        batch = requests()
+        scores = await remote.score(batch)
+        for request, value in zip(batch, scores.values, strict=True):
+            text = prm_text(remote.template, request.prompt, request.steps, remote.separator, remote.system)
+            assert value == pytest.approx(known_rows(text)[0][-1][1])
+        assert scores.tokens > 0
+        assert [len(r["input"]) for r in handler.requests_seen] == [2, 2, 1]  # in chunks of max_batch
+        assert all(r["model"] == "tiny-prm" for r in handler.requests_seen)  # learned from /v1/models
+        cached = await remote.score([ScoreRequest(PROMPT, STEPS[:2])])  # scored on the side
+        assert cached.tokens == 0 and len(handler.requests_seen) == 3
+    finally:
+        await remote.close()
+    assert remote.server._client is None  # the client it opened is closed
+
+
+@needs_torch
+async def test_remote_prm_matches_the_local_model_over_http(model_pooling_server, qwen_prm_dir):
+    from itscale.rewards.prm import HFProcessRewardModel
+
+    url, handler = model_pooling_server
     remote = make_reward(f'remote-prm(url="{url}", max_batch=2)')
     try:
         batch = requests()
@@ -279,3 +338,30 @@ async def test_remote_prm_rejects_answers_that_do_not_fit_the_steps(pooling_serv
             await remote.score([ScoreRequest(PROMPT, STEPS)])
     finally:
         await remote.close()
+
+
+@needs_torch
+def test_a_prm_model_is_loaded_once_per_process(qwen_prm_dir):
+    """An evaluation makes a fresh reward per run (fresh score caches); the model behind it
+    is loaded once."""
+    from itscale.rewards.prm import HFProcessRewardModel
+
+    first, second = HFProcessRewardModel(qwen_prm_dir), HFProcessRewardModel(qwen_prm_dir)
+    assert first.model is second.model and first._cache is not second._cache
+
+
+@needs_torch
+def test_remote_code_runs_only_when_asked_for(qwen_prm_dir, tmp_path):
+    """A checkpoint that names its own architecture (as Qwen2.5-Math-PRM does) needs its
+    shipped Python: that is opt-in."""
+    import shutil
+
+    from itscale.errors import UsageError
+
+    directory = tmp_path / "custom"
+    shutil.copytree(qwen_prm_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["architectures"] = ["Qwen2ForProcessRewardModel"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="trust_remote_code=true"):
+        make_reward(f'hf-prm(model="{directory}")')

@@ -16,7 +16,7 @@ from typing import Any
 from itscale.errors import UsageError
 from itscale.lm.base import LanguageModel
 from itscale.lm.models import DEFAULT_MODEL
-from itscale.rewards.base import Reward
+from itscale.rewards.base import Reward, close_reward
 from itscale.rewards.registry import DEFAULT_REWARD, make_reward
 from itscale.search import make_algorithm
 from itscale.search.core import Run, SearchSettings
@@ -64,9 +64,13 @@ async def asolve(
             f"unknown setting(s) {', '.join(sorted(unknown))}: use {', '.join(SearchSettings.field_names())}"
         )
     settings = (settings or SearchSettings()).replace(**setting_values)
-    if isinstance(reward, str):
-        reward = make_reward(reward, lm, judge_model) if search.uses_reward else None
-    return await search.run(lm, problem, settings, reward=reward, observer=observer)
+    if not isinstance(reward, str):
+        return await search.run(lm, problem, settings, reward=reward, observer=observer)
+    made = make_reward(reward, lm, judge_model) if search.uses_reward else None
+    try:
+        return await search.run(lm, problem, settings, reward=made, observer=observer)
+    finally:
+        await close_reward(made)  # made here: its resources (an HTTP client) are ours to free
 
 
 def solve(

@@ -23,6 +23,7 @@ from itscale.eval.plan import Plan, Unit
 from itscale.eval.progress import EvalProgress
 from itscale.eval.runner import Job, reward_options, stream
 from itscale.eval.store import OutputDir
+from itscale.rewards.base import close_reward
 from itscale.rewards.registry import make_reward
 
 Sink = Callable[[list[dict[str, Any]]], None]
@@ -107,7 +108,7 @@ async def _run_here(
         lm, judge = plan.backend.open(), plan.backend.open_judge()
     try:
         if any(plan.search(a).uses_reward for a in {u.algorithm for u in units}):
-            make_reward(job.reward, lm, judge, **reward_options(job.reward, units[0].problem))
+            await close_reward(make_reward(job.reward, lm, judge, **reward_options(job.reward, units[0].problem)))
         ready()
         async with contextlib.aclosing(stream(units, job, lm, judge, workers)) as batches:
             async for records in batches:

@@ -21,6 +21,7 @@ from itscale.eval.datasets import Problem
 from itscale.eval.plan import Unit
 from itscale.eval.reuse import MeteredModel, subset_usage
 from itscale.lm.base import LanguageModel
+from itscale.rewards.base import close_reward
 from itscale.rewards.registry import make_reward
 from itscale.search import make_algorithm
 from itscale.search.core import SearchSettings
@@ -43,6 +44,15 @@ async def run_unit(unit: Unit, job: Job, lm: LanguageModel, judge: Any = None) -
     reward = (
         make_reward(job.reward, lm, judge, **reward_options(job.reward, unit.problem)) if search.uses_reward else None
     )
+    try:
+        return await _run_unit(unit, job, lm, search, reward, started)
+    finally:
+        await close_reward(reward)
+
+
+async def _run_unit(
+    unit: Unit, job: Job, lm: LanguageModel, search: Any, reward: Any, started: float
+) -> list[dict[str, Any]]:
     settings = job.settings.replace(budget=unit.run_budget, seed=unit.seed)
     if not unit.reuse:  # one run; several budgets only for an algorithm that ignores the budget
         result = await search.run(lm, unit.problem.problem, settings, reward=reward)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -74,15 +75,27 @@ class Reward(Protocol):
     async def score(self, requests: Sequence[ScoreRequest]) -> Scores: ...
 
 
+async def close_reward(reward: Any) -> None:
+    """Frees what a reward holds (a remote judge's HTTP client it opened, the factors of a
+    product); a reward without a `close` holds nothing."""
+    close = getattr(reward, "close", None)
+    if close is not None:
+        await close()
+
+
 class CachedReward:
     """Base class for rewards: caches scores by content, so a step is scored once even
-    when resampling copies it into many particles. Subclasses implement `_score`."""
+    when resampling copies it into many particles. Subclasses implement `_score`.
+
+    The cache keeps the `cache_size` most recently used scores: a long-lived process (the
+    server) keeps one reward across many searches without growing without bound."""
 
     name: str = "reward"
     kind: RewardKind = "process"
+    cache_size: int = 100_000
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, float] = {}
+        self._cache: OrderedDict[tuple, float] = OrderedDict()
 
     async def score(self, requests: Sequence[ScoreRequest]) -> Scores:
         missing: dict[tuple, ScoreRequest] = {}
@@ -90,20 +103,31 @@ class CachedReward:
             if r.key not in self._cache and r.key not in missing:
                 missing[r.key] = r
         result = Scores([])
+        known = {r.key: self._cache[r.key] for r in requests if r.key not in missing}
         if missing:
             fresh = await self._score(list(missing.values()))
             if len(fresh.values) != len(missing):
                 raise RewardError(f"{self.name} returned {len(fresh.values)} scores for {len(missing)} requests")
             result.tokens, result.notes = fresh.tokens, fresh.notes
             for key, value in zip(missing, fresh.values, strict=True):
-                self._cache[key] = value
-        result.values = [self._cache[r.key] for r in requests]
+                known[key] = value
+                self._store(key, value)
+        for key in known:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+        result.values = [known[r.key] for r in requests]
         return result
 
     def remember(self, request: ScoreRequest, value: float) -> None:
         """Records a score computed on the side (a PRM scores every step of a prefix in one
         forward pass)."""
-        self._cache[request.key] = value
+        self._store(request.key, value)
+
+    def _store(self, key: tuple, value: float) -> None:
+        self._cache[key] = value
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def remember_prefixes(self, request: ScoreRequest, step_scores: Sequence[float]) -> float:
         """A PRM scores every step of a request in one forward pass: keeps the scores of
@@ -143,6 +167,10 @@ class ProductReward(CachedReward):
         self.factors = list(factors)
         self.name = "*".join(f"{r.name}^{a:g}" if a != 1 else r.name for r, a in self.factors)
         self.kind = "outcome" if all(r.kind == "outcome" for r, _ in self.factors) else "process"
+
+    async def close(self) -> None:
+        for reward, _ in self.factors:
+            await close_reward(reward)
 
     async def _score(self, requests: list[ScoreRequest]) -> Scores:
         parts = await asyncio.gather(*(r.score(requests) for r, _ in self.factors))

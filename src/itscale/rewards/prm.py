@@ -5,9 +5,10 @@ Two formats, the two PRMs the literature uses:
 - `format="qwen"` (Qwen2.5-Math-PRM-7B/72B, the paper's reward): the chat with the steps
   joined by `<extra_0>` and one after the last step; the model's token-level two-class
   head gives, at each separator, P(step is correct) = softmax(logits)[1]. The hub model
-  ships its own modeling code (`Qwen2ForProcessRewardModel`, loaded with
-  `trust_remote_code=True`); any checkpoint with a token-classification head and two
-  labels (`*ForTokenClassification`) is read the same way.
+  ships its own modeling code (`Qwen2ForProcessRewardModel`), which runs only when asked
+  for (`trust_remote_code=true`: it executes the checkpoint's Python); any checkpoint with
+  a token-classification head and two labels (`*ForTokenClassification`) is read the same
+  way without it.
 - `format="math-shepherd"` (peiyi9979/math-shepherd-mistral-7b-prm): a causal LM; the
   question, a space, then every step followed by the step tag " ки"; at each tag the
   score is P("+") / (P("+") + P("-")) from the next-token logits.
@@ -15,7 +16,7 @@ Two formats, the two PRMs the literature uses:
 Where a hub is reachable, the paper's reward model runs with
 
     pip install torch==2.13.0 transformers accelerate   # CPU wheel; on a GPU machine the CUDA one
-    itscale solve "..." --reward 'hf-prm(model="Qwen/Qwen2.5-Math-PRM-7B")'
+    itscale solve "..." --reward 'hf-prm(model="Qwen/Qwen2.5-Math-PRM-7B", trust_remote_code=true)'
 
 (the 7B model wants a GPU with ~16 GB, `device="cuda"` is chosen when one is present).
 The tests use a tiny random Qwen2 model built on the spot, so loading, batching, padding
@@ -23,7 +24,9 @@ and the separator indexing run for real without a hub.
 
 One forward pass scores every step of a prefix, so the earlier steps' scores are cached on
 the side. Requests are sorted by length and run in batches of `batch_size` in a worker
-thread (the event loop keeps serving). torch is imported only when a model is loaded.
+thread (the event loop keeps serving). torch is imported only when a model is loaded, and a
+loaded model is kept for the process (`_LOADED`): an evaluation makes a fresh reward for
+every run (fresh score caches), not a fresh 15 GB model.
 """
 
 from __future__ import annotations
@@ -55,6 +58,32 @@ def _import_torch() -> tuple[Any, Any]:
     return torch, transformers
 
 
+# Loaded (tokenizer, model) pairs, by (source, format, device, dtype, trust_remote_code).
+_LOADED: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _load(transformers: Any, source: str, format: str, device: str, dtype: Any, trust_remote_code: bool) -> tuple:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if format == "qwen":
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        custom = "Qwen2ForProcessRewardModel" in (config.architectures or [])
+        if custom and not trust_remote_code:
+            raise UsageError(
+                f"{source} is a Qwen2ForProcessRewardModel, whose modeling code ships with the checkpoint: if "
+                "you trust it, pass trust_remote_code=true (CLI: --reward 'hf-prm(model=..., trust_remote_code=true)')"
+            )
+        # The hub model's own Qwen2ForProcessRewardModel, else a standard token-classification head.
+        loader = transformers.AutoModel if custom else transformers.AutoModelForTokenClassification
+    else:
+        loader = transformers.AutoModelForCausalLM
+    model = loader.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    return tokenizer, model
+
+
 class HFProcessRewardModel(CachedReward):
     """Process reward from a Hugging Face PRM, on CPU or GPU, batched."""
 
@@ -72,7 +101,7 @@ class HFProcessRewardModel(CachedReward):
         system: str | None = QWEN_PRM_SYSTEM,
         good_token: str = "+",
         bad_token: str = "-",
-        trust_remote_code: bool = True,
+        trust_remote_code: bool = False,
         name: str = "hf-prm",
     ):
         super().__init__()
@@ -86,25 +115,17 @@ class HFProcessRewardModel(CachedReward):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device != "cpu" else torch.float32)
         source = str(model)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        key = (source, format, self.device, str(torch_dtype), trust_remote_code)
+        if key not in _LOADED:
+            _LOADED.clear()  # one PRM at a time: they are large
+            _LOADED[key] = _load(transformers, source, format, self.device, torch_dtype, trust_remote_code)
+        self.tokenizer, self.model = _LOADED[key]
         self.separator = separator or (QWEN_PRM_SEPARATOR if format == "qwen" else MATH_SHEPHERD_TAG)
         self.separator_id = self._last_token(self.separator)
         if format == "qwen":
             self.template = ChatTemplate(self.tokenizer.chat_template or CHATML)
-            config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-            loader = (
-                transformers.AutoModel  # the hub model's own Qwen2ForProcessRewardModel
-                if "Qwen2ForProcessRewardModel" in (config.architectures or [])
-                else transformers.AutoModelForTokenClassification
-            )
         else:
             self.candidates = [self._last_token(good_token), self._last_token(bad_token)]
-            loader = transformers.AutoModelForCausalLM
-        self.model = loader.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        self.model.to(self.device).eval()
 
     def _last_token(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -156,12 +156,15 @@ def _hf_prm(
     device: str | None = None,
     dtype: str | None = None,
     batch_size: int = 8,
+    trust_remote_code: bool = False,
 ):
     from itscale.rewards.prm import HFProcessRewardModel
 
     if not model:
         raise UsageError('hf-prm needs a model: hf-prm(model="Qwen/Qwen2.5-Math-PRM-7B") or a local directory')
-    return HFProcessRewardModel(model, format, device=device, dtype=dtype, batch_size=batch_size)
+    return HFProcessRewardModel(
+        model, format, device=device, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code
+    )
 
 
 def _remote_prm(

@@ -89,6 +89,7 @@ class RemoteJudge(CachedReward):
         name: str = "remote-judge",
     ):
         super().__init__()
+        self.owns_server = isinstance(server, str)
         if isinstance(server, str):
             server = OpenAIModel(server, model, mode=mode, chat_template=chat_template, api_key=api_key)
         self.server, self.name = server, name
@@ -98,7 +99,9 @@ class RemoteJudge(CachedReward):
         self.logprobs_available: bool | None = None if logprobs else False
 
     async def close(self) -> None:
-        await self.server.close()
+        """Closes the HTTP client this reward opened (a server given to it is its owner's)."""
+        if self.owns_server:
+            await self.server.close()
 
     async def _score(self, requests: list[ScoreRequest]) -> Scores:
         results = await asyncio.gather(*(self._judge(r) for r in requests))

@@ -69,6 +69,7 @@ class RemotePRM(CachedReward):
         name: str = "remote-prm",
     ):
         super().__init__()
+        self.owns_server = isinstance(server, str)
         if isinstance(server, str):
             server = OpenAIModel(server, model, api_key=api_key)
         if max_batch < 1:
@@ -79,7 +80,9 @@ class RemotePRM(CachedReward):
         self.max_batch = max_batch
 
     async def close(self) -> None:
-        await self.server.close()
+        """Closes the HTTP client this reward opened (a server given to it is its owner's)."""
+        if self.owns_server:
+            await self.server.close()
 
     async def _score(self, requests: list[ScoreRequest]) -> Scores:
         if self.server.model is None:
