@@ -3,6 +3,7 @@ servers on 127.0.0.1 for what that server cannot show (errors, retries, vLLM fie
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -354,3 +355,111 @@ async def test_stop_reason_distinguishes_the_delimiter_from_end_of_turn() -> Non
         [step] = await lm.extend([lm.fork(root, steps=0)], StepSettings(), [0])
         assert (step.text, step.end) == ("x\n\n", "delimiter")
         await lm.close()
+
+
+# ---------------------------------------------------------------- why a step stopped
+
+
+async def test_an_answer_that_ends_its_turn_is_not_taken_for_a_step(llama_server: str) -> None:
+    """llama.cpp's server says finish_reason "stop" both at the stop string and at end of
+    turn; the generated tokens (which include a stop string the text leaves out) tell them
+    apart, so an answer that ended is not given a delimiter and extended again."""
+    lm = OpenAIModel(llama_server, chat_template="smollm2-135m")
+    greedy = StepSettings(temperature=0.0, max_step_tokens=80)
+    try:
+        answer = await lm.start(Prompt.of("What is 2 + 2?"))
+        [out] = await lm.extend([answer], greedy, [0])
+        assert (out.end, answer.finished) == ("eos", True) and not out.text.endswith("\n\n")
+        two_steps = await lm.start(Prompt.of("Reply with the word yes."))
+        first = (await lm.extend([two_steps], greedy, [0]))[0]
+        second = (await lm.extend([two_steps], greedy, [0]))[0]
+    finally:
+        await lm.close()
+    assert first.end == "delimiter" and first.text.endswith("\n\n")  # a real stop at the delimiter
+    assert second.end == "eos" and second.text
+    assert not lm.warnings
+
+
+async def test_a_server_that_does_not_say_why_it_stopped_is_named_in_the_result(llama_server: str) -> None:
+    """Without token log-probabilities nothing tells the two stops apart: the step is taken
+    as delimited (the model may then go on where its answer had ended), and the result says
+    so instead of hiding it."""
+    lm = OpenAIModel(llama_server, chat_template="smollm2-135m", logprobs=False)
+    try:
+        result = await make_algorithm("greedy").run(
+            lm, "What is 2 + 2?", max_tokens=120, max_step_tokens=80, temperature=0.0
+        )
+    finally:
+        await lm.close()
+    assert result.particles[0].steps[0].end == "delimiter"  # it was the end of the turn (see above)
+    assert any("does not say whether a step stopped" in w for w in result.diagnostics["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "end"),
+    [
+        ({"matched_stop": "\n\n"}, "delimiter"),  # SGLang
+        ({"matched_stop": None}, "eos"),
+        ({"stop_reason": 151645}, "eos"),  # vLLM: a stop token id is not the delimiter
+    ],
+)
+async def test_what_vllm_and_sglang_say_decides_the_end(extra: dict, end: str) -> None:
+    with scripted_server(lambda path, body: (200, completion("Step", **extra))) as (url, _):
+        lm = OpenAIModel(url, "m", chat_template="chatml")
+        [out] = await lm.extend([await lm.start(Prompt.of("hi"))], StepSettings(), [0])
+        await lm.close()
+    assert out.end == end and out.text == ("Step\n\n" if end == "delimiter" else "Step")
+
+
+# ---------------------------------------------------------------- the chat template
+
+
+def vllm_like(rendered: list, bare: bool = False):
+    """A vLLM-shaped server: no /props; /tokenize renders chats with its own template (here
+    a made-up one), /detokenize turns tokens back into text; /v1/completions answers."""
+
+    def respond(path: str, body: dict | None) -> tuple[int, bytes]:
+        if path == "/tokenize" and not bare:
+            text = "".join(f"[{m['role']}]{m['content']}" for m in body["messages"])
+            text += "[assistant]" if body["add_generation_prompt"] else ""
+            rendered.append(text)
+            return 200, json.dumps({"tokens": [ord(c) for c in text], "count": len(text)}).encode()
+        if path == "/detokenize" and not bare:
+            return 200, json.dumps({"prompt": "".join(chr(t) for t in body["tokens"])}).encode()
+        if path == "/v1/completions":
+            return 200, completion("The answer is \\boxed{4}.", stop_reason=None)
+        return 404, b'{"error": {"message": "not found"}}'
+
+    return respond
+
+
+async def test_a_server_without_props_renders_the_chat_itself() -> None:
+    rendered: list = []
+    with scripted_server(vllm_like(rendered)) as (url, seen):
+        lm = OpenAIModel(url, "m")
+        try:
+            result = await make_algorithm("greedy").run(lm, "What is 2 + 2?")
+        finally:
+            await lm.close()
+    prompt = next(body["prompt"] for path, body in seen if path == "/v1/completions")
+    assert prompt.startswith("[system]") and prompt.endswith("[user]What is 2 + 2?[assistant]")
+    assert result.diagnostics["backend"]["chat_template"].startswith("rendered by the server")
+    assert "warnings" not in result.diagnostics
+
+
+async def test_an_assumed_chatml_template_is_said_in_every_result_and_on_the_command_line(capsys) -> None:
+    from itscale.cli import main
+
+    with scripted_server(vllm_like([], bare=True)) as (url, seen):
+        lm = OpenAIModel(url, "m")
+        try:
+            result = await make_algorithm("greedy").run(lm, "What is 2 + 2?")
+        finally:
+            await lm.close()
+        assert "<|im_start|>user\nWhat is 2 + 2?" in next(b["prompt"] for p, b in seen if p == "/v1/completions")
+        assert any("rendered as ChatML" in w for w in result.diagnostics["warnings"])
+        code = await asyncio.to_thread(
+            main, ["solve", "What is 2 + 2?", "--algorithm", "greedy", "--backend-url", url, "--backend-model", "m"]
+        )
+    assert code == 0
+    assert "warning:" in capsys.readouterr().err

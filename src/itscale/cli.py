@@ -213,6 +213,8 @@ async def _solve(args: argparse.Namespace) -> int:
 
         matches = is_equivalent(result.answer, args.reference)
     if args.json:
+        for warning in result.diagnostics.get("warnings", []):
+            print(f"itscale: warning: {warning}", file=sys.stderr)
         out = result.to_dict()
         if matches is not None:
             out["reference"], out["matches"] = args.reference, matches
@@ -253,6 +255,8 @@ def _print_result(result: Any, reference: str | None, matches: bool | None) -> N
     from rich.table import Table
 
     console = Console()
+    for warning in result.diagnostics.get("warnings", []):
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"[bold]answer:[/bold] {result.answer}")
     if reference is not None:
         verdict = "[green]matches[/green]" if matches else "[red]does not match[/red]"

@@ -167,6 +167,8 @@ def _eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return getattr(stop, "exit_code", 130)
+    for warning in summary.warnings:
+        print(f"itscale: warning: {warning}", file=sys.stderr)
     torn = "; dropped a torn last line left by a killed run" if summary.dropped_torn_line else ""
     print(
         f"{summary.written} new records ({summary.already_done} from earlier runs) in "

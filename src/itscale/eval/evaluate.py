@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import datetime
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ class Summary:
     already_done: int  # records found from earlier runs
     written: int  # records this run added
     dropped_torn_line: bool
+    warnings: list[str] = field(default_factory=list)  # what the records' diagnostics warn of
 
 
 def evaluate(
@@ -74,6 +75,10 @@ def evaluate(
             def sink(records: list[dict[str, Any]]) -> None:
                 directory.results.append(records)
                 summary.written += len(records)
+                for record in records:
+                    for warning in record.get("diagnostics", {}).get("warnings", []):
+                        if warning not in summary.warnings:
+                            summary.warnings.append(warning)
                 bars.advance(records)
                 if on_records is not None:
                     on_records(records)

@@ -3,9 +3,10 @@
 Steps continue the assistant turn, which chat endpoints normally cannot do. Two ways:
 
 - `mode="completions"` (the default): render the chat template here and send raw text to
-  `/v1/completions`. The template is the one given, or the server's own (`GET /props` on
-  llama.cpp's server), or one read from a local GGUF / named model, else ChatML (reported in
-  `diagnostics`, never silently).
+  `/v1/completions`. The template is the one given (a local GGUF or named model, or Jinja
+  text), or the server's own (`GET /props` on llama.cpp's server), or rendered by the
+  server (vLLM's `/tokenize` with messages, then `/detokenize`), else ChatML, with a
+  warning in every result (`Result.diagnostics["backend"]`) and on the command line.
 - `mode="chat"`: `/v1/chat/completions` with the partial answer as the last assistant
   message and vLLM's `continue_final_message: true, add_generation_prompt: false` (vLLM
   and SGLang accept these).
@@ -39,7 +40,7 @@ import httpx
 from itscale.errors import BackendError, UsageError
 from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, extend_step_by_step, step_end
 from itscale.lm.chat import CHATML, ChatTemplate
-from itscale.types import Prompt
+from itscale.types import Message, Prompt
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -95,7 +96,11 @@ class OpenAIModel:
         self._template_source = chat_template
         self.template: ChatTemplate | None = None
         self.supports_n: bool | None = None  # learned from the first request with n > 1
+        # What this backend learned about its server (template source, n support, ...),
+        # copied into every result's diagnostics; `warnings` are what a user must be told.
         self.diagnostics: dict[str, Any] = {}
+        self.warnings: dict[str, str] = {}
+        self._rendered: dict[tuple, str] = {}
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -152,6 +157,10 @@ class OpenAIModel:
             return data
         raise BackendError(f"{url}: {last} (gave up after {attempt + 1} attempts)")
 
+    def note(self, topic: str, warning: str) -> None:
+        """Something every result made through this backend should say (once per topic)."""
+        self.warnings[topic] = warning
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
@@ -169,10 +178,13 @@ class OpenAIModel:
                 except (KeyError, IndexError, TypeError):
                     raise BackendError(f"{self.api_url}/models lists no model; pass the model name") from None
                 self.name = self.model
-            if self.mode == "completions" and self.template is None:
+            if self.mode == "completions" and "chat_template" not in self.diagnostics:
                 self.template = await self._find_template()
 
-    async def _find_template(self) -> ChatTemplate:
+    async def _find_template(self) -> ChatTemplate | None:
+        """The chat template, from (in order) the caller, llama.cpp's `/props`, or None when
+        the server renders chats itself (vLLM's `/tokenize` and `/detokenize`); else ChatML,
+        with a warning in every result: a wrong template silently changes every prompt."""
         source = self._template_source
         if source is not None:
             from itscale.lm.chat import template_from_model
@@ -187,16 +199,64 @@ class OpenAIModel:
                 return ChatTemplate(props["chat_template"], props.get("bos_token", ""), props.get("eos_token", ""))
         except BackendError:
             pass
-        self.diagnostics["chat_template"] = (
-            "assumed ChatML (the server does not publish its template; pass chat_template)"
+        try:
+            await self._render_on_server([Message("user", "hi")], add_generation_prompt=True)
+            self.diagnostics["chat_template"] = "rendered by the server (/tokenize, /detokenize)"
+            return None
+        except BackendError:
+            pass
+        self.diagnostics["chat_template"] = "assumed ChatML"
+        self.note(
+            "chat_template",
+            f"{self.root_url} publishes no chat template (no /props, no /tokenize): prompts were rendered as "
+            "ChatML, which may not be the model's format; pass chat_template (CLI: --chat-template) to be sure",
         )
         return ChatTemplate(CHATML)
+
+    async def prompt_text(self, prompt: Prompt) -> str:
+        """The text the assistant's steps are appended to (completions mode)."""
+        if self.template is not None:
+            return self.template.prompt_text(prompt)
+        return await self._render_on_server(list(prompt.messages), add_generation_prompt=True)
+
+    async def turn_suffix(self, question: str) -> str:
+        """What closes the assistant turn and asks `question` in a new user turn (a judge)."""
+        if self.template is not None:
+            return self.template.turn_suffix(question)
+        sentinel = "\u2063ITSCALE-SENTINEL\u2063"
+        chat = [Message("user", "x"), Message("assistant", sentinel), Message("user", question)]
+        rendered = await self._render_on_server(chat, add_generation_prompt=True)
+        if sentinel not in rendered:
+            raise BackendError(f"{self.root_url}/tokenize rendered a chat without its assistant turn")
+        return rendered.split(sentinel, 1)[1]
+
+    async def _render_on_server(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        """A chat rendered by the server's own template: vLLM's /tokenize (with messages),
+        then /detokenize. Cached: every particle of a prompt renders the same chat."""
+        key = (tuple(messages), add_generation_prompt)
+        if key not in self._rendered:
+            chat = [{"role": m.role, "content": m.content} for m in messages]
+            payload = {
+                "model": self.model,
+                "messages": chat,
+                "add_generation_prompt": add_generation_prompt,
+                "add_special_tokens": False,
+            }
+            tokens = (await self.request("POST", "/tokenize", payload, under_v1=False)).get("tokens")
+            if not isinstance(tokens, list):
+                raise BackendError(f"{self.root_url}/tokenize returned no token list")
+            detokenized = await self.request("POST", "/detokenize", {"model": self.model, "tokens": tokens}, False)
+            text = detokenized.get("prompt")
+            if not isinstance(text, str):
+                raise BackendError(f"{self.root_url}/detokenize returned no text")
+            self._rendered[key] = text
+        return self._rendered[key]
 
     # ----------------------------------------------------------------- LanguageModel
 
     async def start(self, prompt: Prompt) -> RemoteBranch:
         await self._ensure_ready()
-        prefix = self.template.prompt_text(prompt) if self.mode == "completions" else ""
+        prefix = await self.prompt_text(prompt) if self.mode == "completions" else ""
         return RemoteBranch(prompt, prefix)
 
     def fork(self, branch: Branch, steps: int | None = None) -> RemoteBranch:
@@ -334,30 +394,68 @@ class OpenAIModel:
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return choices, usage
 
-    @staticmethod
-    def _step(choice: dict, usage: dict, settings: StepSettings) -> StepOutput:
-        """One step from a choice of a request that stopped at the delimiter."""
+    def _step(self, choice: dict, usage: dict, settings: StepSettings) -> StepOutput:
+        """One step from a choice of a request that stopped at the delimiter (or at the end
+        of the answer, or at the step cap): see `stopped_at_delimiter` for how the two
+        stops are told apart."""
         text = _choice_text(choice)
         reason = choice.get("finish_reason")
-        stop_reason = choice.get("stop_reason")
+        delimiter = settings.delimiter
+        tokens = usage["completion_tokens"]
         if reason == "length":
-            end = "step_cap"
-        elif isinstance(settings.delimiter, str) and (
-            stop_reason == settings.delimiter or (stop_reason is None and "stop_reason" not in choice and text)
-        ):
-            # The server stopped on our delimiter (it strips stop strings from the text);
-            # a server that does not say why is trusted unless it returned nothing.
-            end = "delimiter"
-            text += settings.delimiter
+            end = "delimiter" if isinstance(delimiter, int) and tokens >= delimiter else "step_cap"
+        elif isinstance(delimiter, int):
+            end = "eos"  # no stop string was sent: only the model ends a step early
         else:
-            end = "eos"
+            at_delimiter = stopped_at_delimiter(choice, text, delimiter)
+            if at_delimiter is None:
+                # The server does not say why it stopped. Taken as the delimiter: an answer
+                # that ended there instead comes back as an empty step next time, which ends it.
+                self.diagnostics["stop_unknown"] = self.diagnostics.get("stop_unknown", 0) + 1
+                self.note(
+                    "stop",
+                    "the server does not say whether a step stopped at the delimiter or at the end of the "
+                    "answer (no stop_reason, no token log-probabilities): an answer's end is seen one "
+                    "(empty) step later",
+                )
+                at_delimiter = bool(text)
+            end = "delimiter" if at_delimiter else "eos"
+            if at_delimiter and not text.endswith(delimiter):
+                text += delimiter  # servers strip the stop string; the step keeps it
         return StepOutput(
             text=text,
-            tokens=usage["completion_tokens"],
+            tokens=tokens,
             end=end,
             prompt_tokens=usage["prompt_tokens"],
             logprob=_logprob_sum(choice),
         )
+
+
+def stopped_at_delimiter(choice: dict, text: str, delimiter: str) -> bool | None:
+    """Whether a choice with finish_reason "stop" stopped at the step delimiter (True) or
+    because the model ended its answer (False), from what the server says; None when it
+    says nothing that tells. In order:
+
+    - vLLM's `stop_reason` (the matched stop string, None at end of turn) or SGLang's
+      `matched_stop`;
+    - the text itself ends with the delimiter (a server that keeps stop strings);
+    - the generated tokens (log-probabilities on): llama.cpp servers list every generated
+      token, the stop string's included, while the text stops before it; at end of turn
+      the tokens spell exactly the text.
+    """
+    for field_name in ("stop_reason", "matched_stop"):
+        if field_name in choice:
+            return choice[field_name] == delimiter
+    if text.endswith(delimiter):
+        return True
+    pieces = _token_pieces(choice)
+    if pieces:
+        spelled = "".join(piece for piece, _ in pieces)
+        if spelled.startswith(text) and delimiter in spelled[max(0, len(text) - len(delimiter)) :]:
+            return True
+        if spelled == text:
+            return False
+    return None
 
 
 def _with_usage(choices: list[dict], usage: dict) -> list[tuple[dict, dict]]:

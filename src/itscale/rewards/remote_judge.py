@@ -148,7 +148,7 @@ class RemoteJudge(CachedReward):
         payload: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0}
         if server.mode == "completions":
             branch = await server.start(r.prompt)  # renders the prompt with the server's template
-            payload["prompt"] = branch.prefix + r.text + server.template.turn_suffix(question)
+            payload["prompt"] = branch.prefix + r.text + await server.turn_suffix(question)
             if logprobs:
                 payload["logprobs"] = self.top_logprobs
             path = "/completions"

@@ -363,6 +363,12 @@ class Run:
             self.release(p)
         if self.guard is not None:
             self.diagnostics.update(self.guard.diagnostics())
+        # What the backend learned about its server, and what a user must be told about it
+        # (a chat template it had to assume, a server that does not say why it stopped).
+        if getattr(self.lm, "diagnostics", None):
+            self.diagnostics["backend"] = dict(self.lm.diagnostics)
+        if getattr(self.lm, "warnings", None):
+            self.diagnostics["warnings"] = list(self.lm.warnings.values())
         return Result(
             answer=answer,
             text=chosen.text if chosen is not None else "",
