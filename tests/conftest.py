@@ -42,13 +42,23 @@ def smol():
     model.shutdown()
 
 
+@pytest.fixture(scope="session")
+def smol_per_sequence():
+    """SmolLM2-135M with a KV buffer per sequence (forks copy cells instead of sharing)."""
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    model = LlamaCppModel("smollm2-135m", n_seq_max=16, kv_layout="per-sequence", seq_ctx=1024, n_threads=THREADS)
+    yield model
+    model.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def shared_engines_are_given_back(request):
     """Every test that uses a session engine must release every branch it made: a leaked
     branch holds KV cells and would make later tests (and long runs) fail far from the
     cause. Checked after each such test, so the failure names the test that leaked."""
     yield
-    for name in ("smol", "qwen"):
+    for name in ("smol", "qwen", "smol_per_sequence"):
         if name in request.fixturenames:
             engine = request.getfixturevalue(name)
             assert engine.cached_branches == 0, (

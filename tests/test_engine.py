@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from itscale.errors import ItscaleError
+from itscale.errors import ItscaleError, UsageError
 from itscale.lm.base import StepSettings
 from itscale.lm.chat import MATH_SYSTEM_PROMPT
 from itscale.lm.llamacpp import LlamaCppModel, _incomplete_utf8
@@ -84,7 +84,12 @@ async def test_steps_to_the_end_are_the_steps_one_at_a_time_without_waiting(smol
         smol.release(b)
 
 
-async def test_forks_share_the_parent_cache_instead_of_re_evaluating(smol: LlamaCppModel) -> None:
+@pytest.mark.parametrize("layout", ["smol", "smol_per_sequence"])
+async def test_forks_share_the_parent_cache_instead_of_re_evaluating(layout: str, request) -> None:
+    """In a unified cache a fork shares its parent's cells; with a buffer per sequence it
+    copies them (then cuts them to the shared prefix). Either way nothing is evaluated again
+    and the fork continues exactly as its parent would."""
+    smol = request.getfixturevalue(layout)
     root = await smol.start(PROBLEM)
     parent = smol.fork(root)
     control = smol.fork(root)
@@ -255,3 +260,35 @@ async def test_a_cancelled_caller_does_not_disturb_the_others(smol: LlamaCppMode
     await smol.extend([fresh], StepSettings(max_step_tokens=1), [0])
     assert smol.cached_branches == 1, smol._slot_owner  # only the branch just made holds cells
     smol.release(fresh)
+
+
+async def test_a_search_on_a_per_sequence_cache_matches_the_unified_one(smol, smol_per_sequence) -> None:
+    """Particle filtering forks and releases KV sequences all the time: on either layout it
+    gives the same particles for a seed (greedy here, so numerics cannot flip a sample) and
+    hands every sequence back."""
+    from itscale.rewards.arithmetic import ArithmeticVerifier
+    from itscale.search import make_algorithm
+
+    results = []
+    for engine in (smol, smol_per_sequence):
+        results.append(
+            await make_algorithm("particle-filter").run(
+                engine,
+                "What is 12 * 7?",
+                budget=4,
+                max_steps=3,
+                max_tokens=48,
+                max_step_tokens=16,
+                temperature=0.0,
+                reward=ArithmeticVerifier(),
+            )
+        )
+        assert engine.cached_branches == 0
+    assert [p.text for p in results[0].particles] == [p.text for p in results[1].particles]
+
+
+def test_a_per_sequence_cache_is_checked_and_sized_per_sequence() -> None:
+    with pytest.raises(UsageError, match="kv_layout"):
+        LlamaCppModel("smollm2-135m", kv_layout="paged")
+    with pytest.raises(UsageError, match="multiple of 256"):
+        LlamaCppModel("smollm2-135m", kv_layout="per-sequence", seq_ctx=1000)

@@ -48,10 +48,27 @@ def _draw(scaled: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
         u = rng.random() * float(kept.sum())
         index = min(int(np.searchsorted(np.cumsum(kept), u, side="right")), keep - 1)
         return int(order[index])
-    cumulative = np.cumsum(weights, dtype=np.float64)
-    u = rng.random() * cumulative[-1]
-    # Guard the last cumulative sum against rounding: never index past the end.
-    return min(int(np.searchsorted(cumulative, u, side="right")), weights.shape[0] - 1)
+    return _inverse_cdf(weights, rng.random())
+
+
+# Inverse-CDF sampling in two levels: which block of the vocabulary, then which token in it.
+# One pass of block sums and one cumulative sum over a single block replace a cumulative sum
+# over the whole vocabulary (half of the host's time per token at 151,936 tokens). The token
+# is the one a full cumulative sum would give for the same uniform draw, up to rounding.
+_BLOCK = 1024
+
+
+def _inverse_cdf(weights: np.ndarray, uniform: float) -> int:
+    """The token i with cumulative weight just above `uniform` times the total."""
+    starts = np.arange(0, weights.shape[0], _BLOCK)
+    blocks = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+    u = uniform * blocks[-1]
+    # Guard every cumulative sum against rounding: never index past the end.
+    b = min(int(np.searchsorted(blocks, u, side="right")), blocks.shape[0] - 1)
+    start = int(starts[b])
+    within = np.cumsum(weights[start : start + _BLOCK], dtype=np.float64)
+    u -= blocks[b - 1] if b else 0.0
+    return start + min(int(np.searchsorted(within, u, side="right")), within.shape[0] - 1)
 
 
 def candidate_logprobs(logits: np.ndarray, tokens: list[int]) -> list[float]:

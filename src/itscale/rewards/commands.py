@@ -177,11 +177,21 @@ def _sample(
 ) -> None:
     import asyncio
     import datetime
+    import math
 
     from itscale.lm.llamacpp import LlamaCppModel
     from itscale.rewards.training import sample_rollouts, sampling_identity
 
-    lm = LlamaCppModel(args.model, n_ctx=32768, n_seq_max=256, n_threads=args.n_threads)
+    # A KV buffer per sequence: the problems sampled at once do not slow each other's
+    # attention down (docs/benchmarks.md). Room for every rollout in flight and its prompt.
+    per_problem = args.samples * (1 + (settings.max_steps * args.mc_rollouts if args.mc_rollouts else 0)) + 1
+    lm = LlamaCppModel(
+        args.model,
+        n_seq_max=min(256, args.concurrency * per_problem + 8),
+        kv_layout="per-sequence",
+        seq_ctx=256 * math.ceil((settings.max_tokens + 768) / 256),
+        n_threads=args.n_threads,
+    )
     try:
         lm.enable_features()
         identity = sampling_identity(lm, dataset, settings, args.samples, args.mc_rollouts, seed)
