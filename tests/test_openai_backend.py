@@ -463,3 +463,23 @@ async def test_an_assumed_chatml_template_is_said_in_every_result_and_on_the_com
         )
     assert code == 0
     assert "warning:" in capsys.readouterr().err
+
+
+def test_a_client_is_closed_with_its_event_loop_when_a_new_loop_takes_over() -> None:
+    """Each `asyncio.run` has its own event loop, and a client's connections belong to the
+    loop that made them: a backend used from a new loop makes a new client, and the old one
+    has been closed by its loop as that loop ended, without anyone calling close()."""
+    with scripted_server(lambda path, body: (200, completion("ok"))) as (url, seen):
+        lm = OpenAIModel(url, "m", chat_template="chatml")
+        clients = []
+
+        async def one_step() -> None:
+            await lm.extend([await lm.start(Prompt.of("hi"))], StepSettings(), [0])
+            clients.append(lm._client)
+
+        asyncio.run(one_step())
+        assert clients[0].is_closed
+        asyncio.run(one_step())
+        assert clients[1] is not clients[0] and clients[1].is_closed
+        asyncio.run(lm.close())
+    assert len([p for p, _ in seen if p == "/v1/completions"]) == 2

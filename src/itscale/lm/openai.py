@@ -105,24 +105,45 @@ class OpenAIModel:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._setup_lock: asyncio.Lock | None = None
+        self._closer: Any = None  # see _close_with_loop
+        self._orphans: list = []
 
     # ----------------------------------------------------------------- HTTP
 
-    def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+    async def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """The HTTP client of the running event loop. A client belongs to the loop it was
+        made on (its connections do): on a new loop a new one is made, and the old one is
+        closed by its own loop (see `_close_with_loop`), never left open."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
+            if self._client is not None:
+                self._close_on_its_loop()
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
             self._client = httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits)
             self._client_loop = loop
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
             self._setup_lock = asyncio.Lock()
+            self._closer = _close_with_loop(self._client)
+            await self._closer.__anext__()
         return self._client, self._semaphore
+
+    def _close_on_its_loop(self) -> None:
+        """Closes the current client on the loop it belongs to: at once if that loop runs in
+        another thread; else when that loop shuts down (`asyncio.run` does so as it ends), or
+        already done if it has."""
+        old, loop, closer = self._client, self._client_loop, self._closer
+        self._client = self._client_loop = self._closer = None
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(closer.aclose(), loop)
+        elif loop is not None and not loop.is_closed():
+            self._orphans.append(closer)  # kept alive until its loop finalises it
+        del old
 
     async def request(self, method: str, path: str, payload: dict | None = None, under_v1: bool = True) -> dict:
         """One JSON request to `/v1{path}` (or `{path}` at the server root) with retries;
         a clear BackendError when it cannot succeed."""
-        client, semaphore = self._http()
+        client, semaphore = await self._http()
         url = (self.api_url if under_v1 else self.root_url) + path
         last = ""
         for attempt in range(self.retries + 1):
@@ -162,14 +183,18 @@ class OpenAIModel:
         self.warnings[topic] = warning
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._client is None:
+            return
+        if self._client_loop is asyncio.get_running_loop():
+            await self._closer.aclose()  # closes the client
+            self._client = self._client_loop = self._closer = None
+        else:
+            self._close_on_its_loop()
 
     # ----------------------------------------------------------------- setup
 
     async def _ensure_ready(self) -> None:
-        self._http()
+        await self._http()
         async with self._setup_lock:
             if self.model is None:
                 data = await self.request("GET", "/models")
@@ -456,6 +481,16 @@ def stopped_at_delimiter(choice: dict, text: str, delimiter: str) -> bool | None
         if spelled == text:
             return False
     return None
+
+
+async def _close_with_loop(client: httpx.AsyncClient) -> Any:
+    """Closes `client` when finalised: by `aclose()`, or by the event loop's shutdown
+    (`asyncio.run` finalises every live async generator of its loop before closing it), so
+    a client is closed on the loop its connections belong to even when nobody calls close."""
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 def _with_usage(choices: list[dict], usage: dict) -> list[tuple[dict, dict]]:
