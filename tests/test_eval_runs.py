@@ -427,6 +427,7 @@ def test_ray_shards_problems_over_workers_with_their_own_engines(data_dir, tmp_p
     assert set(keys(records)) == expected_keys(data_dir)
     workers = {r["worker"] for r in records}
     assert len(workers) == 2 and all(not w.endswith(f":{os.getpid()}") for w in workers)
+    assert {r["threads"] for r in records} == {1}  # --ray-cpus 1: one thread each, not every core
     # A problem's units stay on one worker (its prompt is evaluated there once per run).
     by_problem = {}
     for r in records:

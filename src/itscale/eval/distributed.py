@@ -13,7 +13,9 @@ over the worker slots the cluster has: its CPUs divided by `cpus` per worker.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from itscale.errors import ItscaleError, UsageError
@@ -83,6 +85,9 @@ def run_on_ray(
     """Runs the units on Ray (connecting to `address`, or the cluster already initialised, or
     a new local one) and passes each batch of records to `sink` in this process."""
     ray = _ray()
+    if backend.n_threads is None and not backend.backend_url:
+        # An embedded engine would take every core of its host; each worker gets its share.
+        backend = replace(backend, n_threads=max(1, math.floor(cpus)))
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, log_to_driver=False)

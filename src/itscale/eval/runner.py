@@ -59,7 +59,7 @@ async def _run_unit(
         records = [
             _record(unit, b, result, result.particles, result.answer, result.text, result.usage) for b in unit.budgets
         ]
-        return _stamped(records, started)
+        return _stamped(records, started, lm)
     metered = MeteredModel(lm)
     result = await search.run(metered, unit.problem.problem, settings, reward=reward)
     shared, own = metered.prompt_split(len(result.particles), result.usage.prompt_tokens)
@@ -81,7 +81,7 @@ async def _run_unit(
                 rollouts_of=unit.algorithm,
             )
             records.append(record)
-    return _stamped(records, started)
+    return _stamped(records, started, lm)
 
 
 def _without_reward(record: dict[str, Any]) -> None:
@@ -97,12 +97,13 @@ def _without_reward(record: dict[str, Any]) -> None:
     record["diagnostics"] = {k: v for k, v in record["diagnostics"].items() if not k.startswith("reward")}
 
 
-def _stamped(records: list[dict[str, Any]], started: float) -> list[dict[str, Any]]:
-    """When and where the run happened (wall clock; host:pid tells Ray workers apart)."""
+def _stamped(records: list[dict[str, Any]], started: float, lm: Any) -> list[dict[str, Any]]:
+    """When and where the run happened (wall clock; host:pid tells Ray workers apart; the
+    embedded engine's CPU threads)."""
     where = f"{socket.gethostname()}:{os.getpid()}"
     finished = time.time()
     for r in records:
-        r.update(started=started, finished=finished, worker=where)
+        r.update(started=started, finished=finished, worker=where, threads=getattr(lm, "n_threads", None))
     return records
 
 
