@@ -28,6 +28,22 @@ def test_extract_answer(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "strict"),
+    [
+        ("so the answer is \\boxed{72}.", "72"),
+        ("We get 48 + 24 = 72 clips.", None),  # a last number is not a stated answer
+        ("We get 48 + 24 = 72 clips. The answer is 72.", "72"),
+        ("Final answer: $1,200", "1200"),
+        ("#### 18", "18"),
+        ("The answer is: **42** apples, not 41.", "42"),
+        ("unfinished \\boxed{12", None),
+    ],
+)
+def test_strict_extraction_takes_only_a_stated_answer(text: str, strict: str | None) -> None:
+    assert extract_answer(text, strict=True) == strict
+
+
 def test_extract_boxed_nested_and_unclosed() -> None:
     assert extract_boxed("\\boxed{a{b{c}}d}") == "a{b{c}}d"
     assert extract_boxed("\\boxed{a{b}") is None

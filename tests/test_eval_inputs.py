@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from itscale.answers import extract_answer
 from itscale.cli import main
 from itscale.errors import UsageError
 from itscale.eval.datasets import default_data_dir, load_dataset
@@ -377,8 +378,30 @@ def test_any_right_counts_problems_where_some_particle_was_right_though_not_chos
     (row,) = summarise(records, ["greedy"])
     assert row.accuracy == pytest.approx(1 / 4)
     assert row.any_correct == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert row.strict_accuracy is None  # records made before strict grading was kept
     assert "| greedy | 1 | 25.0% |" in markdown({"identity": {}, "runs": []}, [row], [])
-    assert "| 62.5% | 4 |" in markdown({"identity": {}, "runs": []}, [row], [])
+    assert "| n/a | 62.5% | 4 |" in markdown({"identity": {}, "runs": []}, [row], [])
+
+
+def test_strict_accuracy_counts_only_stated_answers(data_dir, tmp_path):
+    """Grading keeps both verdicts: `correct` takes the last number when nothing is boxed,
+    `correct_strict` only a stated answer; the report shows both."""
+    from itscale.eval.datasets import Problem
+    from itscale.eval.plan import Unit
+    from itscale.eval.runner import _record
+    from itscale.types import Result, Usage
+
+    unit = Unit(Problem("p", "What is 3 + 4?", "7"), "greedy", 0, 1, (1,), False)
+    records = []
+    for problem, text in (("p0", "3 + 4 = 7"), ("p1", "3 + 4 = 7. The answer is 7."), ("p2", "\\boxed{7}")):
+        result = Result(extract_answer(text), text, [], [], "greedy", Usage())
+        records.append({**_record(unit, 1, result, [], result.answer, text, Usage()), "problem": problem})
+    assert [(r["correct"], r["correct_strict"]) for r in records] == [(True, False), (True, True), (True, True)]
+    (row,) = summarise(records, ["greedy"])
+    assert (row.accuracy, row.strict_accuracy) == pytest.approx((1.0, 2 / 3))
+    assert "| 100.0% |" in markdown({"identity": {}, "runs": []}, [row], []) and "| 66.7% |" in markdown(
+        {"identity": {}, "runs": []}, [row], []
+    )
 
 
 def test_paired_differences_tell_what_overlapping_intervals_cannot():

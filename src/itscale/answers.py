@@ -19,6 +19,11 @@ RELATIVE_TOLERANCE = 1e-6
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# An explicit final answer: "#### 18", "(the) (final) answer is (:) $18", "Answer: 18".
+_FINAL_LINE = re.compile(
+    r"(?:####|\banswer\s*(?:is|:|=)|\banswer\s+is\s*:)\s*\**\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)",
+    re.IGNORECASE,
+)
 
 
 def extract_boxed(text: str) -> str | None:
@@ -41,11 +46,17 @@ def has_boxed_answer(text: str) -> bool:
     return extract_boxed(text) is not None
 
 
-def extract_answer(text: str) -> str | None:
-    """The last `\\boxed{}` content, else the last number; None when there is neither."""
+def extract_answer(text: str, strict: bool = False) -> str | None:
+    """The last `\\boxed{}` content, else (flexible, the default) the last number, or with
+    `strict` only an explicit final-answer line ("The final answer is 18", "Answer: 18",
+    "#### 18"); None when there is none. The two are lm-evaluation-harness's flexible-extract
+    and strict-match: a last number is often a step's, not the answer the model gave."""
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed or None
+    if strict:
+        lines = _FINAL_LINE.findall(text)
+        return _strip_number(lines[-1]) if lines else None
     numbers = _NUMBER.findall(text)
     if not numbers:
         return None

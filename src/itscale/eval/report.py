@@ -70,6 +70,9 @@ class Row:
     resampled_runs: int | None = None  # runs that resampled at least once
     resampled_steps: int | None = None  # steps at which they resampled, summed over runs
     search_steps: int | None = None  # steps the runs took (their longest particle's), summed
+    # Accuracy when only an answer the chosen solution states (boxed, or an explicit final
+    # line) counts, not the last number of its text; None for records made before it was kept.
+    strict_accuracy: float | None = None
 
 
 def bootstrap_interval(scores: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
@@ -110,6 +113,12 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
             ends += [p.get("end") == "length" for p in r["particles"]]
         scores = np.array([np.mean(v) for v in per_problem.values()])
         low, high = bootstrap_interval(scores)
+        strict = None
+        if all("correct_strict" in r for r in group):
+            strict_per_problem: dict[str, list[float]] = defaultdict(list)
+            for r in group:
+                strict_per_problem[r["problem"]].append(float(bool(r["correct_strict"])))
+            strict = float(np.mean([np.mean(v) for v in strict_per_problem.values()]))
         usage = [r["usage"] for r in group]
         resampled_runs, resampled_steps, search_steps = resampling_counts(group)
         rows.append(
@@ -121,6 +130,7 @@ def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]
                 accuracy=float(scores.mean()),
                 ci_low=low,
                 ci_high=high,
+                strict_accuracy=strict,
                 any_correct=float(np.mean([np.mean(v) for v in any_right.values()])),
                 vote_correct=float(np.mean([np.mean(v) for v in vote_right.values()])),
                 distinct_answers=float(np.mean(distinct)),
@@ -308,9 +318,9 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str], differen
     lines += [f"    {command}" + (f"    # run {n} times" if n > 1 else "") for command, n in commands.items()]
     lines += [
         "",
-        "| algorithm | budget | accuracy | 95% CI | any right | problems | mean tokens | mean generated "
+        "| algorithm | budget | accuracy | 95% CI | strict | any right | problems | mean tokens | mean generated "
         "| mean reward tokens | mean seconds | samples |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         samples = f"reused from run of {', '.join(map(str, r.sampled_from))}" if r.sampled_from else "own run"
@@ -319,15 +329,19 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str], differen
         seconds = f"{r.mean_seconds:.1f}{'*' if r.seconds_estimated else ''}"
         lines.append(
             f"| {r.algorithm} | {r.budget} | {r.accuracy:.1%} | {r.ci_low:.1%} – {r.ci_high:.1%} "
-            f"| {r.any_correct:.1%} | {r.problems} "
+            f"| {_percent(r.strict_accuracy)} | {r.any_correct:.1%} | {r.problems} "
             f"| {r.mean_tokens:,.0f} | {r.mean_completion_tokens:,.0f} | {r.mean_reward_tokens:,.0f} "
             f"| {seconds} | {samples} |"
         )
     reused = sorted({r.algorithm for r in rows if r.sampled_from})
     lines += [
         "",
-        "Accuracy is over problems; the interval is a 95% bootstrap over problems. `any right`: problems where "
-        "some final particle (rollout) had the right answer, what a perfect choice among them would score.",
+        "Accuracy is over problems; the interval is a 95% bootstrap over problems. It takes the chosen "
+        "answer as extracted flexibly (the last \\boxed{}, else the last number of the text); `strict` counts "
+        "only an answer the solution states (\\boxed{}, or an explicit final-answer line), as "
+        "lm-evaluation-harness's strict-match (n/a for records made before it was kept). `any right`: "
+        "problems where some final particle (rollout) had the right answer, what a perfect choice among them "
+        "would score.",
     ]
     if reused:
         lines.append(
@@ -432,6 +446,7 @@ def print_table(rows: list[Row]) -> None:
         Column("budget", justify="right", no_wrap=True),
         Column("accuracy", justify="right", no_wrap=True),
         Column("95% CI", no_wrap=True),
+        Column("strict", justify="right", no_wrap=True),
         Column("any right", justify="right", no_wrap=True),
         Column("n", justify="right", no_wrap=True),
         Column("tokens", justify="right", no_wrap=True),
@@ -445,6 +460,7 @@ def print_table(rows: list[Row]) -> None:
             str(r.budget),
             f"{r.accuracy:.1%}",
             f"{r.ci_low:.1%} – {r.ci_high:.1%}",
+            _percent(r.strict_accuracy),
             f"{r.any_correct:.1%}",
             str(r.problems),
             f"{r.mean_tokens:,.0f}",
@@ -455,3 +471,7 @@ def print_table(rows: list[Row]) -> None:
     if not console.is_terminal:  # a pipe or a file: as wide as the table needs, not 80 columns
         console = Console(width=140)
     console.print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"

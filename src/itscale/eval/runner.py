@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from itscale.answers import is_equivalent
+from itscale.answers import extract_answer, is_equivalent
 from itscale.errors import ItscaleError
 from itscale.eval.datasets import Problem
 from itscale.eval.plan import Unit
@@ -141,6 +141,9 @@ def _record(
         "reference": unit.problem.answer,
         "answer": answer,
         "correct": is_equivalent(answer, unit.problem.answer),
+        # Strict: the chosen solution states its answer (boxed, or an explicit final-answer
+        # line) and it is right; `correct` also accepts the last number of the text.
+        "correct_strict": is_equivalent(extract_answer(text, strict=True), unit.problem.answer),
         "text": text,
         "particles": [
             {"answer": p.answer, "score": p.score, "tokens": p.tokens, "steps": len(p.steps), "end": p.end}
