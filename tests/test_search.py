@@ -15,7 +15,6 @@ from itscale.errors import UsageError
 from itscale.rewards.judge import LLMJudge
 from itscale.search import algorithm_names, make_algorithm
 from itscale.search.core import SearchSettings
-from itscale.search.resampling import logit
 from itscale.types import FINISHING
 
 PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"
@@ -71,8 +70,10 @@ async def test_particle_filter_paper_mode(smol, judge) -> None:
     result = await make_algorithm("particle-filter").run(smol, PROBLEM, SMALL.replace(budget=4), reward=judge)
     assert_well_formed(result, 4)
     assert result.usage.reward_tokens > 0
-    # Paper weights: softmax over the pool of logit(prefix reward) / temperature.
-    logits = [logit(p.score) for p in result.particles]
+    # Paper weights: softmax over the pool of logit(prefix reward) / temperature, the logit
+    # computed here (with the paper's clamp), not with the implementation's function.
+    clamped = [min(max(p.score, 1e-6), 1 - 1e-6) for p in result.particles]
+    logits = [math.log(r / (1 - r)) for r in clamped]
     top = max(logits)
     expected = [math.exp(v - top) for v in logits]
     assert result.weights == pytest.approx([e / sum(expected) for e in expected], abs=1e-9)

@@ -181,6 +181,68 @@ async def test_entropic_filter_anneals_only_early_and_when_collapsed(lm) -> None
     assert all(t == 1.0 for t in temperatures[2:])  # steps 3+ are past half of max_steps=4
 
 
+def paper_weights(scores: list[float], temperature: float) -> list[float]:
+    """softmax(logit(r) / T) over the pool, computed here from the paper's formula (the
+    implementation's own logit is not used), with its clamp of r into [1e-6, 1 - 1e-6]."""
+    clamped = [min(max(r, 1e-6), 1 - 1e-6) for r in scores]
+    logits = [(math.log(r) - math.log1p(-r)) / temperature for r in clamped]
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]
+    return [e / sum(exps) for e in exps]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+async def test_paper_mode_weights_are_the_tempered_softmax_of_the_logit(lm, temperature: float) -> None:
+    result = await make_algorithm("particle-filter", temperature=temperature).run(
+        lm, "toy", settings(budget=8, seed=5), reward=PotentialReward(G)
+    )
+    assert result.weights == pytest.approx(paper_weights([p.score for p in result.particles], temperature), abs=1e-9)
+
+
+async def test_a_lower_resampling_temperature_concentrates_on_the_favoured_prefixes(lm) -> None:
+    """G favours "2" (0.9) over "1" (0.3): at T = 0.5 the first resampling copies particles
+    that began with "2" more often than at T = 2."""
+    favoured = {}
+    for temperature in (0.5, 2.0):
+        favoured[temperature] = 0
+        for seed in range(30):
+            observed: list = []
+            await make_algorithm("particle-filter", temperature=temperature).run(
+                lm,
+                "toy",
+                settings(budget=16, seed=seed),
+                reward=PotentialReward(G),
+                observer=lambda run, seen=observed: seen.append([p.text[:1] for p in run.particles]),
+            )
+            favoured[temperature] += observed[0].count("2")  # the population after the first resampling
+    assert favoured[0.5] > favoured[2.0] + 30
+
+
+async def test_entropic_filter_in_paper_mode_flattens_its_early_resampling(lm) -> None:
+    """Paper mode with entropic annealing: while the weights have collapsed early in the run,
+    parents are drawn from the flattened weights, so prefixes the reward disfavours survive
+    more often than under plain paper-mode resampling; the final weights stay the paper's."""
+    kept_disfavoured = {"entropic": 0, "plain": 0}
+    for seed in range(30):
+        for name, algorithm in (
+            ("entropic", make_algorithm("entropic-particle-filter", mode="paper", ess_threshold=1.0)),
+            ("plain", make_algorithm("particle-filter", mode="paper", resampling="systematic")),
+        ):
+            observed: list = []
+            result = await algorithm.run(
+                lm,
+                "toy",
+                settings(budget=16, seed=seed),
+                reward=PotentialReward(G),
+                observer=lambda run, seen=observed: seen.append([p.text[:1] for p in run.particles]),
+            )
+            kept_disfavoured[name] += observed[0].count("1")
+            assert result.weights == pytest.approx(paper_weights([p.score for p in result.particles], 1.0), abs=1e-9)
+            if name == "entropic":
+                assert result.diagnostics["annealing_temperatures"][0] > 1.0
+    assert kept_disfavoured["entropic"] > kept_disfavoured["plain"] + 15
+
+
 async def test_entropic_sound_mode_keeps_the_weights_proper(lm, exact) -> None:
     posterior, _ = exact
     algorithm = make_algorithm("entropic-particle-filter", mode="sound", ess_threshold=1.0, final="vote")
