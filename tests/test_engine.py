@@ -10,7 +10,9 @@ from itscale.errors import ItscaleError, UsageError
 from itscale.lm.base import StepSettings
 from itscale.lm.chat import MATH_SYSTEM_PROMPT
 from itscale.lm.llamacpp import LlamaCppModel, _incomplete_utf8
+from itscale.rewards.base import ScoreRequest
 from itscale.rewards.judge import yes_probability
+from itscale.rewards.text_tree import TextBranches
 from itscale.types import Prompt
 
 PROBLEM = Prompt.of("Tom has 3 apples and buys 4 more. How many apples does he have?", system=MATH_SYSTEM_PROMPT)
@@ -206,20 +208,22 @@ async def test_judge_scores_on_a_fork_equal_scoring_from_text(smol: LlamaCppMode
     yes, no = smol.tokenize("Yes", special=False)[0], smol.tokenize("No", special=False)[0]
     [(on_fork, cost)] = await smol.next_token_logprobs([branch], [suffix], [yes, no])
     assert cost == len(suffix) + 1  # the suffix and the pending token: the prefix is shared
-    text_root = await smol.start(PROBLEM)
-    from_text = smol.branch_from_text(text_root, branch.steps[0])
-    smol.release(text_root)
+    texts = TextBranches(smol)  # the same text evaluated on its own, as a judge does for a server's steps
+    from_text = await texts.branch(ScoreRequest(PROBLEM, (branch.steps[0],)))
     [(on_text, cost_text)] = await smol.next_token_logprobs([from_text], [suffix], [yes, no])
     assert cost_text > cost
     # Identical tokens; batched prompt processing and one-token decoding round differently
     # (different matmul kernels), so log-probabilities agree to a few hundredths.
     assert on_fork == pytest.approx(on_text, abs=0.15)
-    assert yes_probability(on_fork, 1) == pytest.approx(yes_probability(on_text, 1), abs=0.03)
+    assert yes_probability(on_fork[:1], on_fork[1:]) == pytest.approx(
+        yes_probability(on_text[:1], on_text[1:]), abs=0.03
+    )
     assert all(v < 0 for v in on_fork) and math.exp(on_fork[0]) + math.exp(on_fork[1]) <= 1.0001
     # The branch itself is untouched by scoring and can go on.
     assert len(branch.steps) == 1
     await smol.extend([branch], GREEDY, [0])
-    for b in [branch, from_text]:
+    texts.release()
+    for b in [branch]:
         smol.release(b)
 
 

@@ -122,23 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the named models and whether they are installed")
     models.set_defaults(handler=lambda args: _models())
 
-    for register in _command_modules():
-        register(sub)
+    from itscale.eval.commands import add_commands as eval_commands
+    from itscale.rewards.commands import add_commands as reward_commands
+
+    reward_commands(sub)
+    eval_commands(sub)
     return parser
-
-
-def _command_modules() -> list[Callable[[Any], None]]:
-    """`add_commands(subparsers)` functions of modules that bring their own commands."""
-    import importlib
-
-    found = []
-    for module in ("itscale.rewards.commands", "itscale.eval.commands"):
-        try:
-            found.append(importlib.import_module(module).add_commands)
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
-    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

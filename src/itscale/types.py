@@ -9,7 +9,6 @@ and honest usage (every token generated, evaluated or scored, including reward c
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -243,11 +242,3 @@ class Stopwatch:
     def __exit__(self, *exc: object) -> None:
         elapsed = time.perf_counter() - self.start
         setattr(self.usage, self.attribute, getattr(self.usage, self.attribute) + elapsed)
-
-
-def logsumexp(values: list[float]) -> float:
-    finite = [v for v in values if v != -math.inf]
-    if not finite:
-        return -math.inf
-    top = max(finite)
-    return top + math.log(sum(math.exp(v - top) for v in finite))

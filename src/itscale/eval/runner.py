@@ -109,10 +109,8 @@ def _stamped(records: list[dict[str, Any]], started: float, lm: Any) -> list[dic
 
 def reward_factors(spec: str) -> list[str]:
     """The reward names in a reward spec ("arithmetic * llm-judge")."""
-    try:
-        from itscale.rewards.spec import parse_spec
-    except ImportError:  # a registry that takes plain names only
-        return [spec]
+    from itscale.rewards.spec import parse_spec
+
     return [factor.name for factor in parse_spec(spec)]
 
 

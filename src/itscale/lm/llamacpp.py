@@ -345,16 +345,6 @@ class LlamaCppModel:
             )
         return LlamaBranch(self, prompt, tokens, prompt_len=len(tokens))
 
-    def branch_from_text(self, parent: LlamaBranch, text: str) -> LlamaBranch:
-        """A fork of `parent` continued by `text` (tokenised here): how a judge scores the
-        steps of a particle that another backend generated."""
-        child = self.fork(parent)
-        if text:
-            child.tokens.extend(self.tokenize(text, special=False))
-            child.steps.append(text)
-            child.step_ends.append(len(child.tokens))
-        return child
-
     def fork(self, branch: Branch, steps: int | None = None) -> LlamaBranch:
         parent = self._own(branch)
         with self._lock:

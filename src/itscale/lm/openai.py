@@ -556,21 +556,63 @@ def _steps_from_tokens(
     return steps or [StepOutput("", 0, last_end)]  # the model ended its answer at once
 
 
-def _token_pieces(choice: dict) -> list[tuple[str, float | None]] | None:
-    """The generated tokens' texts and log-probabilities, from either response format."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log-probability, and the top alternatives at its position
+    (token text -> log-probability) when they were asked for."""
+
+    token: str
+    logprob: float | None
+    top: dict[str, float]
+
+
+def choice_logprobs(choice: dict) -> list[TokenLogprob] | None:
+    """The generated tokens of a choice, from either API's format; None when it has none.
+
+    completions: {"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: lp}, ...]}
+    chat:        {"content": [{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}]}
+    """
     lp = choice.get("logprobs")
     if not isinstance(lp, dict):
         return None
     if isinstance(lp.get("tokens"), list):
         values = lp.get("token_logprobs") if isinstance(lp.get("token_logprobs"), list) else []
-        return [(str(t), _number(values[i]) if i < len(values) else None) for i, t in enumerate(lp["tokens"])]
+        tops = lp.get("top_logprobs") if isinstance(lp.get("top_logprobs"), list) else []
+        return [
+            TokenLogprob(
+                str(token),
+                _number(values[i]) if i < len(values) else None,
+                _alternatives(tops[i].items() if i < len(tops) and isinstance(tops[i], dict) else ()),
+            )
+            for i, token in enumerate(lp["tokens"])
+        ]
     if isinstance(lp.get("content"), list):
-        return [(str(t.get("token", "")), _number(t.get("logprob"))) for t in lp["content"] if isinstance(t, dict)]
+        return [
+            TokenLogprob(
+                str(t.get("token", "")),
+                _number(t.get("logprob")),
+                _alternatives(
+                    (e.get("token"), e.get("logprob")) for e in t.get("top_logprobs") or () if isinstance(e, dict)
+                ),
+            )
+            for t in lp["content"]
+            if isinstance(t, dict)
+        ]
     return None
+
+
+def _alternatives(pairs: Any) -> dict[str, float]:
+    return {str(token): float(value) for token, value in pairs if token is not None and _number(value) is not None}
 
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
+
+
+def _token_pieces(choice: dict) -> list[tuple[str, float | None]] | None:
+    """The generated tokens' texts and log-probabilities."""
+    tokens = choice_logprobs(choice)
+    return None if tokens is None else [(t.token, t.logprob) for t in tokens]
 
 
 def _cut_at(text: str, delimiter: str) -> list[str]:
@@ -589,12 +631,7 @@ def _choice_text(choice: dict) -> str:
 def _split_tokens(total: Any, texts: list[str], choices: list[dict]) -> list[int]:
     """Completion tokens per choice: exact from logprobs when present, else the server's
     total split in proportion to text length (the sum stays exact)."""
-    exact = []
-    for c in choices:
-        lp = c.get("logprobs") or {}
-        tokens = lp.get("tokens") if isinstance(lp, dict) else None
-        content = lp.get("content") if isinstance(lp, dict) else None
-        exact.append(len(tokens) if isinstance(tokens, list) else len(content) if isinstance(content, list) else None)
+    exact = [None if (tokens := choice_logprobs(c)) is None else len(tokens) for c in choices]
     if all(e is not None for e in exact):
         return exact  # type: ignore[return-value]
     if not isinstance(total, int):
@@ -606,14 +643,8 @@ def _split_tokens(total: Any, texts: list[str], choices: list[dict]) -> list[int
 
 
 def _logprob_sum(choice: dict) -> float | None:
-    lp = choice.get("logprobs")
-    if not isinstance(lp, dict):
-        return None
-    if isinstance(lp.get("token_logprobs"), list):
-        return float(sum(v for v in lp["token_logprobs"] if isinstance(v, int | float)))
-    if isinstance(lp.get("content"), list):
-        return float(sum(t.get("logprob", 0.0) for t in lp["content"] if isinstance(t, dict)))
-    return None
+    tokens = choice_logprobs(choice)
+    return None if tokens is None else float(sum(t.logprob or 0.0 for t in tokens))
 
 
 def _error_text(response: httpx.Response) -> str:

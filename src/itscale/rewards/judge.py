@@ -26,12 +26,20 @@ YES_SPELLINGS = ("Yes", " Yes", "yes", " yes", "YES")
 NO_SPELLINGS = ("No", " No", "no", " no", "NO")
 
 
-def yes_probability(logprobs: Sequence[float], n_yes: int) -> float:
-    """P(yes) / (P(yes) + P(no)) from log-probabilities of yes spellings then no spellings."""
-    top = max(logprobs)
-    yes = sum(math.exp(v - top) for v in logprobs[:n_yes])
-    no = sum(math.exp(v - top) for v in logprobs[n_yes:])
-    return yes / (yes + no) if yes + no > 0 else 0.5
+def yes_probability(yes: Sequence[float], no: Sequence[float], floor: float | None = None) -> float | None:
+    """P(yes) / (P(yes) + P(no)) from the log-probabilities of the yes spellings and of the
+    no spellings. A class with none listed (a server's top list can miss one) counts as
+    likely as `floor`, an upper bound on it, so the score is never overconfident; None when
+    neither class is listed."""
+    if not yes and not no:
+        return None
+    if floor is not None:
+        yes, no = list(yes) or [floor], list(no) or [floor]
+    values = [*yes, *no]
+    top = max(values)
+    p_yes = sum(math.exp(v - top) for v in yes)
+    p_no = sum(math.exp(v - top) for v in no)
+    return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5
 
 
 class LLMJudge(CachedReward):
@@ -72,6 +80,6 @@ class LLMJudge(CachedReward):
         finally:
             texts.release()
         return Scores(
-            [yes_probability(logprobs, len(self._yes)) for logprobs, _ in results],
+            [yes_probability(lp[: len(self._yes)], lp[len(self._yes) :]) for lp, _ in results],
             tokens=sum(n for _, n in results),
         )

@@ -23,14 +23,13 @@ bounded concurrency, retries with backoff, a clear BackendError when the server 
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from typing import Any
 
 from itscale.errors import BackendError
-from itscale.lm.openai import OpenAIModel
+from itscale.lm.openai import OpenAIModel, choice_logprobs
 from itscale.rewards.base import CachedReward, ScoreRequest, Scores
-from itscale.rewards.judge import PREFIX_QUESTION, STEP_QUESTION
+from itscale.rewards.judge import PREFIX_QUESTION, STEP_QUESTION, yes_probability
 from itscale.types import Message
 
 STEP_RATING = (
@@ -45,16 +44,11 @@ _RATING = re.compile(r"\b(10|[0-9])(?:\s*/\s*10)?\b")
 
 
 def yes_no_probability(top: dict[str, float]) -> float | None:
-    """P(yes) / (P(yes) + P(no)) from one position's top log-probabilities (token -> logprob);
-    None when neither answer is listed."""
+    """P(yes) / (P(yes) + P(no)) from one position's top log-probabilities (token -> logprob),
+    summing every spelling; an unlisted class is at most as likely as the least listed token."""
     yes = [v for t, v in top.items() if t.strip().lower() == "yes"]
     no = [v for t, v in top.items() if t.strip().lower() == "no"]
-    if not yes and not no:
-        return None
-    floor = min(top.values())  # an unlisted class is at most as likely as the least listed token
-    p_yes = sum(math.exp(v) for v in yes) if yes else math.exp(floor)
-    p_no = sum(math.exp(v) for v in no) if no else math.exp(floor)
-    return p_yes / (p_yes + p_no)
+    return yes_probability(yes, no, floor=min(top.values()))
 
 
 def parse_rating(text: str) -> float | None:
@@ -171,19 +165,15 @@ def _first_choice(data: dict) -> dict:
 
 
 def _top_logprobs(data: dict) -> dict[str, float] | None:
-    """The first generated position's top log-probabilities, from either API's format."""
-    lp = _first_choice(data).get("logprobs")
-    if not isinstance(lp, dict):
+    """The first generated position's top log-probabilities (the token itself when the
+    server lists no alternatives)."""
+    tokens = choice_logprobs(_first_choice(data))
+    if not tokens:
         return None
-    top = lp.get("top_logprobs")  # completions: [{token: logprob}, ...]
-    if isinstance(top, list) and top and isinstance(top[0], dict) and top[0]:
-        return {str(t): float(v) for t, v in top[0].items() if isinstance(v, int | float)}
-    content = lp.get("content")  # chat: [{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}]
-    if isinstance(content, list) and content and isinstance(content[0], dict):
-        entries = content[0].get("top_logprobs") or [content[0]]
-        found = {str(e["token"]): float(e["logprob"]) for e in entries if isinstance(e, dict) and "token" in e}
-        return found or None
-    return None
+    first = tokens[0]
+    if first.top:
+        return first.top
+    return {first.token: first.logprob} if first.logprob is not None else None
 
 
 def _text(data: dict) -> str:
