@@ -33,7 +33,7 @@ from itscale.lm.chat import MATH_SYSTEM_PROMPT
 from itscale.lm.llamacpp import LlamaCppModel
 from itscale.rewards.judge import LLMJudge
 from itscale.search import make_algorithm
-from itscale.search.core import SearchSettings
+from itscale.search.settings import SearchSettings
 from itscale.types import Prompt
 
 STORY = Prompt.of("Write a long story about a lighthouse keeper and a storm, in many paragraphs.")

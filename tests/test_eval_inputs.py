@@ -26,7 +26,7 @@ from itscale.eval.report import (
 )
 from itscale.eval.store import OutputDir, ResultStore
 from itscale.search import algorithm_names, make_algorithm
-from itscale.search.core import SearchSettings
+from itscale.search.settings import SearchSettings
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:

@@ -25,7 +25,7 @@ from itscale.eval.runner import Job, run_unit
 from itscale.lm.llamacpp import LlamaCppModel
 from itscale.rewards.registry import make_reward
 from itscale.search import make_algorithm
-from itscale.search.core import SearchSettings
+from itscale.search.settings import SearchSettings
 from itscale.types import Prompt
 
 TINY = SearchSettings(max_tokens=16, max_step_tokens=16, max_steps=2)

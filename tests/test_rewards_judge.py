@@ -220,7 +220,7 @@ async def test_an_evaluation_run_closes_the_judge_client_it_opened(llama_server,
     from itscale.eval import runner
     from itscale.eval.datasets import Problem
     from itscale.eval.plan import Unit
-    from itscale.search.core import SearchSettings
+    from itscale.search.settings import SearchSettings
 
     made = []
 

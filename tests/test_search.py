@@ -14,7 +14,7 @@ from itscale.answers import is_equivalent
 from itscale.errors import UsageError
 from itscale.rewards.judge import LLMJudge
 from itscale.search import algorithm_names, make_algorithm
-from itscale.search.core import SearchSettings
+from itscale.search.settings import SearchSettings
 from itscale.types import FINISHING
 
 PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"

@@ -15,11 +15,11 @@ import pytest
 
 from itscale.rewards.base import CachedReward, ScoreRequest, Scores
 from itscale.search import algorithm_names, make_algorithm
-from itscale.search.core import SearchSettings
 from itscale.search.gibbs import ParallelTempering
 from itscale.search.particle_filter import annealing_temperature
 from itscale.search.resampling import SCHEMES, effective_sample_size, normalise_log_weights, resample
 from itscale.search.sampling import BestOfMajority, SelfConsistency, majority_confidence
+from itscale.search.settings import SearchSettings
 from itscale.types import FINISHING, Particle, Step
 from toy import STOP, TRANS, G, MarkovLM, PotentialReward, exact_posterior, total_variation
 

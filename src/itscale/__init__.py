@@ -14,9 +14,10 @@ from itscale.rewards.base import ProductReward, Reward, ScoreRequest, Scores
 from itscale.rewards.judge import LLMJudge
 from itscale.rewards.registry import DEFAULT_REWARD, make_reward
 from itscale.search import ALGORITHMS, make_algorithm
-from itscale.search.core import Search, SearchSettings
+from itscale.search.base import Search
 from itscale.search.particle_filter import ParticleFilter
 from itscale.search.sampling import BestOfN, Greedy, SelfConsistency, WeightedBestOfN
+from itscale.search.settings import SearchSettings
 from itscale.types import Message, Particle, Prompt, Result, Step, Usage
 
 __version__ = "0.1.0"

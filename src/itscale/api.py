@@ -19,7 +19,8 @@ from itscale.lm.models import DEFAULT_MODEL
 from itscale.rewards.base import Reward, close_reward
 from itscale.rewards.registry import DEFAULT_REWARD, make_reward
 from itscale.search import make_algorithm
-from itscale.search.core import Run, SearchSettings
+from itscale.search.population import Run
+from itscale.search.settings import SearchSettings
 from itscale.types import Prompt, Result
 
 

@@ -19,7 +19,8 @@ from typing import Any
 from itscale.errors import ItscaleError, UsageError
 from itscale.lm.models import DEFAULT_MODEL, MODELS, model_status
 from itscale.search import algorithm_names
-from itscale.search.core import Run, SearchSettings
+from itscale.search.population import Run
+from itscale.search.settings import SearchSettings
 
 SAMPLE_PROBLEM = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "

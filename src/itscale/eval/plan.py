@@ -30,7 +30,7 @@ from itscale.errors import UsageError
 from itscale.eval.datasets import Dataset, Problem
 from itscale.eval.store import Key
 from itscale.search import algorithm_names, make_algorithm
-from itscale.search.core import SearchSettings
+from itscale.search.settings import SearchSettings
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from itscale.lm.base import Branch, LanguageModel, StepOutput, StepSettings
-from itscale.search.core import extend_to_end
+from itscale.search.population import extend_to_end
 from itscale.types import Particle, Prompt, Result, Usage
 
 

@@ -24,7 +24,7 @@ from itscale.lm.base import LanguageModel
 from itscale.rewards.base import close_reward
 from itscale.rewards.registry import make_reward
 from itscale.search import make_algorithm
-from itscale.search.core import SearchSettings
+from itscale.search.settings import SearchSettings
 from itscale.types import Particle, Result, Usage
 
 

@@ -122,7 +122,7 @@ class LanguageModel(Protocol):
 class ExtendsToEnd(Protocol):
     """An optional backend capability: extend branches step after step to their ends in one
     call, each branch starting its next step as soon as its last one ends (see
-    `itscale.search.core.extend_to_end`, which falls back to `extend` without it)."""
+    `itscale.search.population.extend_to_end`, which falls back to `extend` without it)."""
 
     async def extend_to_end(
         self,

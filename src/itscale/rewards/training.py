@@ -75,8 +75,9 @@ async def sample_problem(
     """K rollouts of one problem, graded, each step with its hidden state; with
     `mc_rollouts` k, every non-final prefix also gets the fraction of k continuations that
     end right."""
-    from itscale.search.core import Run, derive_seed
+    from itscale.search.population import Run
     from itscale.search.sampling import SelfConsistency
+    from itscale.search.settings import derive_seed
     from itscale.types import Prompt
 
     started = time.perf_counter()

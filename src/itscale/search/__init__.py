@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from itscale.errors import UsageError
+from itscale.search.base import Search
 from itscale.search.beam import DVTS, BeamSearch
-from itscale.search.core import Run, Search, SearchSettings
 from itscale.search.gibbs import ParallelTempering, ParticleGibbs
 from itscale.search.particle_filter import EntropicParticleFilter, ParticleFilter
+from itscale.search.population import Run
 from itscale.search.sampling import (
     AdaptiveSelfConsistency,
     BestOfMajority,
@@ -18,6 +19,7 @@ from itscale.search.sampling import (
     SelfConsistency,
     WeightedBestOfN,
 )
+from itscale.search.settings import SearchSettings
 
 ALGORITHMS: dict[str, type[Search]] = {
     cls.name: cls

@@ -33,7 +33,8 @@ from dataclasses import replace
 from typing import Any
 
 from itscale.errors import UsageError
-from itscale.search.core import Run, Search
+from itscale.search.base import Search
+from itscale.search.population import Run
 from itscale.types import Particle
 
 

@@ -32,8 +32,9 @@ from typing import Any, Literal
 import numpy as np
 
 from itscale.errors import UsageError
-from itscale.search.core import Replay, Run, Search, lockstep
+from itscale.search.base import Search
 from itscale.search.particle_filter import ParticleFilter
+from itscale.search.population import Replay, Run, lockstep
 from itscale.search.resampling import normalise_log_weights, resample
 from itscale.types import Particle, Result
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from itscale.errors import UsageError
 from itscale.rewards.base import aggregate
-from itscale.search.core import Pick, Run, Search, vote
+from itscale.search.base import Pick, Search, vote
+from itscale.search.population import Run
 from itscale.search.resampling import (
     SCHEMES,
     effective_sample_size,

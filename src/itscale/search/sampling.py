@@ -20,7 +20,9 @@ from typing import Any
 from itscale.answers import is_equivalent
 from itscale.errors import UsageError
 from itscale.lm.base import StepSettings
-from itscale.search.core import Pick, Run, Search, SearchSettings, vote
+from itscale.search.base import Pick, Search, vote
+from itscale.search.population import Run
+from itscale.search.settings import SearchSettings
 from itscale.types import Particle, Result
 
 

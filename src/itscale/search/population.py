@@ -1,16 +1,14 @@
-"""The population loop every algorithm shares, and the settings they all accept.
+"""The population loop every algorithm shares.
 
     start N particles ──► propose: extend every live particle by one step (one batched call)
                           score:   the reward scores each new step (batched, cached)
                           select:  the algorithm's policy (weigh and resample, keep top-k, …)
                           stop?    all finished, the step cap, or the token budget spent
 
-An algorithm is a `Search` subclass that sets a few class attributes and overrides
-`select` (after every step) and `choose` (at the end); algorithms with several sweeps
-(particle Gibbs, parallel tempering) override `search` and call the loop more than once.
-Algorithms whose particles never meet before the end (self-consistency, best-of-N, ...)
-declare `independent_rollouts`: their loop is one call that runs every particle to its end
-(`Run.rollout`), the same steps without waiting at step boundaries for the slowest particle.
+A `Run` is one execution of an algorithm on one prompt: its population, selection
+randomness, genealogy, diagnostics and usage. `lockstep` is the loop; `Run.rollout` runs
+particles that never meet before the end (self-consistency, best-of-N, ...) each to its end
+without waiting at step boundaries for the slowest.
 
 Semantics that matter (the anchors got these wrong):
 - a finished particle (end of turn, a complete \\boxed{} answer, its token cap, or the step
@@ -25,89 +23,26 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from itscale.answers import has_boxed_answer, is_equivalent, majority
-from itscale.errors import UsageError
+from itscale.answers import has_boxed_answer
 from itscale.lm.base import (
-    DEFAULT_DELIMITER,
     ExtendsToEnd,
     LanguageModel,
     StepOutput,
     StepSettings,
     extend_step_by_step,
 )
-from itscale.lm.chat import MATH_SYSTEM_PROMPT
-from itscale.rewards.base import AGGREGATIONS, Reward, RewardGuard, ScoreRequest, aggregate
+from itscale.rewards.base import Reward, RewardGuard, ScoreRequest, aggregate
+from itscale.search.settings import SearchSettings, derive_seed
 from itscale.types import Particle, Prompt, Resampling, Result, Step, Stopwatch, Usage
 
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """Settings every algorithm accepts, under the same names in Python, the CLI
-    (`--max-steps`) and the server (`"max_steps"`).
-
-    budget: particles (rollouts); seed: makes a run reproducible; max_steps: at most this
-    many steps per particle; delimiter: ends a step ("\\n\\n", or a token count);
-    max_step_tokens / max_tokens: caps per step / per particle; temperature, top_p: the
-    generator's sampling; token_budget: a hard cap on generated plus reward tokens, after
-    which the search returns its best current answer marked budget-limited; system_prompt:
-    prepended when the prompt has none; reward_*: how a failing reward is handled.
-    """
-
-    budget: int = 8
-    seed: int = 0
-    max_steps: int = 40
-    delimiter: str | int = DEFAULT_DELIMITER
-    max_step_tokens: int = 256
-    max_tokens: int = 1024
-    temperature: float = 0.8
-    top_p: float = 1.0
-    token_budget: int | None = None
-    system_prompt: str | None = MATH_SYSTEM_PROMPT
-    reward_fallback: float = 0.5
-    reward_timeout: float = 300.0
-    max_reward_failures: int = 3
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.budget, int) or self.budget < 1:
-            raise UsageError(f"budget must be a positive integer, got {self.budget!r}")
-        if self.max_steps < 1:
-            raise UsageError(f"max_steps must be at least 1, got {self.max_steps}")
-        if self.token_budget is not None and self.token_budget < 1:
-            raise UsageError(f"token_budget must be positive, got {self.token_budget}")
-        if self.max_reward_failures < 1:
-            raise UsageError(f"max_reward_failures must be at least 1, got {self.max_reward_failures}")
-        if not 0.0 <= self.reward_fallback <= 1.0:
-            raise UsageError(f"reward_fallback must be in [0, 1], got {self.reward_fallback}")
-        self.step_settings()  # validates the step fields
-
-    def step_settings(self, **overrides: Any) -> StepSettings:
-        values = {
-            "delimiter": self.delimiter,
-            "max_step_tokens": self.max_step_tokens,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-        }
-        values.update(overrides)
-        return StepSettings(**values)
-
-    def replace(self, **changes: Any) -> SearchSettings:
-        return replace(self, **changes)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-
-def derive_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+if TYPE_CHECKING:
+    from itscale.search.base import Search
 
 
 @dataclass
@@ -468,157 +403,3 @@ async def lockstep(runs: Sequence[Run]) -> None:
                         r.release(p)
             if r.observer is not None:
                 r.observer(r)
-
-
-class Search:
-    """An algorithm: a policy over the population loop.
-
-    Class attributes: `name` (as used by the CLI and the server); `uses_reward` (whether
-    a reward is required); `score_each_step` (score every new step, else only at the end);
-    `reuses_samples` and `uses_budget` (see below).
-    Instance attribute `aggregation` turns step scores into one particle score.
-    """
-
-    name: ClassVar[str] = "search"
-    uses_reward: ClassVar[bool] = True
-    score_each_step: ClassVar[bool] = True
-    # N independent rollouts chosen by `pick`: an evaluation may run the largest budget
-    # once and pick from its first b particles for every smaller budget b.
-    reuses_samples: ClassVar[bool] = False
-    # The run is the same at every budget (greedy decoding): an evaluation runs it once
-    # and records it for every budget, at its real cost.
-    uses_budget: ClassVar[bool] = True
-    # Particles never interact before the end (no selection, no per-step scores): each
-    # runs to its end without waiting at step boundaries for the others (`Run.rollout`).
-    independent_rollouts: ClassVar[bool] = False
-    # Keep the KV state of finished particles until the end of a sweep (a retained
-    # reference trajectory is forked from it in the next sweep).
-    keeps_finished_branches: ClassVar[bool] = False
-
-    def __init__(self, aggregation: str = "model"):
-        if aggregation not in AGGREGATIONS:
-            raise UsageError(f"unknown aggregation {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
-        self.aggregation = aggregation
-
-    def describe(self) -> dict[str, Any]:
-        """The algorithm's own settings, recorded in the result."""
-        return {"algorithm": self.name, "aggregation": self.aggregation}
-
-    def population_size(self, budget: int) -> int:
-        return budget
-
-    def step_settings(self, settings: SearchSettings) -> StepSettings:
-        return settings.step_settings()
-
-    def rollout_signature(self, settings: SearchSettings) -> tuple | None:
-        """What the rollouts of a sample-reusing algorithm depend on besides the problem,
-        the seed and the budget. Algorithms with equal signatures draw the very same
-        rollouts (same steps, same per-step seeds, same final scores when they score), so an
-        evaluation runs them once and lets each `pick`. None when the rollouts cannot be
-        shared: no sample reuse, or a token budget (a reward's tokens count against it, so
-        an algorithm that scores would stop its rollouts sooner than one that does not)."""
-        if not self.reuses_samples or settings.token_budget is not None:
-            return None
-        return (
-            self.step_settings(settings),
-            self.population_size(settings.budget),
-            self.independent_rollouts,
-            self.score_each_step,
-            self.aggregation,
-        )
-
-    async def run(
-        self,
-        lm: LanguageModel,
-        prompt: str | Prompt,
-        settings: SearchSettings | None = None,
-        reward: Reward | None = None,
-        observer: Callable[[Run], None] | None = None,
-        **overrides: Any,
-    ) -> Result:
-        """Solves one prompt. `overrides` are SearchSettings fields (budget=16, seed=1);
-        `observer` is called with the run after every step (for progress displays)."""
-        settings = (settings or SearchSettings()).replace(**overrides) if overrides else (settings or SearchSettings())
-        if self.uses_reward and reward is None:
-            raise UsageError(f"algorithm {self.name!r} needs a reward; pass one (for example LLMJudge)")
-        prompt = Prompt.of(prompt, system=settings.system_prompt)
-        run = Run(self, lm, prompt, settings, reward if self.uses_reward else None)
-        run.observer = observer
-        started = time.perf_counter()
-        try:
-            result = await self.search(run)
-        finally:
-            for p in run.particles:
-                run.release(p)
-        result.usage.seconds = time.perf_counter() - started
-        return result
-
-    async def search(self, run: Run) -> Result:
-        run.particles = await run.start(self.population_size(run.settings.budget))
-        await run.loop()
-        await self.finalise(run)
-        return self.choose(run)
-
-    async def select(self, run: Run) -> None:
-        """After every step: weigh and select. The default keeps every particle."""
-
-    async def finalise(self, run: Run) -> None:
-        """After the loop: score what the choice needs. The default scores every final
-        particle's unscored steps."""
-        await run.score(run.particles, all_steps=True)
-
-    def choose(self, run: Run) -> Result:
-        """The result of the run, from `pick` over its final particles. When the token
-        budget cut the run short, only finished particles are candidates (if any finished):
-        an unfinished trace has no final answer, only a last number."""
-        candidates = list(range(len(run.particles)))
-        if run.budget_limited and any(p.finished for p in run.particles):
-            candidates = [i for i, p in enumerate(run.particles) if p.finished]
-        pick = self.pick([run.particles[i] for i in candidates])
-        run.diagnostics.update(pick.notes)
-        weights = [0.0] * len(run.particles)
-        for i, w in zip(candidates, pick.weights, strict=True):
-            weights[i] = w
-        chosen = run.particles[candidates[pick.index]] if pick.index is not None else None
-        return run.result(chosen, pick.answer, weights)
-
-    def pick(self, particles: Sequence[Particle]) -> Pick:
-        """The answer from final particles; by default the particle with the highest score.
-        Sampling algorithms (`reuses_samples`) are evaluated on subsets of one large run
-        through this method, so it must depend on nothing but the particles."""
-        scores = [p.score if p.score is not None else -math.inf for p in particles]
-        if not particles:
-            return Pick(None, None, [])
-        best = int(np.argmax(scores))
-        total = sum(s for s in scores if s > -math.inf) or 1.0
-        weights = [max(s, 0.0) / total if s > -math.inf else 0.0 for s in scores]
-        return Pick(best, particles[best].answer, weights)
-
-
-@dataclass
-class Pick:
-    """An algorithm's choice among final particles: the chosen index (None when there is
-    nothing to choose), its answer, a normalised weight per particle, notes for diagnostics."""
-
-    index: int | None
-    answer: str | None
-    weights: list[float]
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
-def vote(particles: Sequence[Particle], weights: Sequence[float] | None = None) -> Pick:
-    """Majority (or weighted) vote over the particles' answers; the chosen particle is the
-    heaviest one with the winning answer. A particle without an answer is no vote."""
-    answers = [p.answer for p in particles]
-    winner, totals = majority(answers, list(weights) if weights is not None else None)
-    n = len(particles)
-    if weights is None:
-        normalised = [1.0 / n] * n if n else []
-    else:
-        total = sum(weights) or 1.0
-        normalised = [w / total for w in weights]
-    if winner is None:
-        return Pick(0 if particles else None, None, normalised, {"votes": totals})
-    members = [i for i, a in enumerate(answers) if a is not None and (a == winner or is_equivalent(a, winner))]
-    best = max(members, key=lambda i: weights[i] if weights is not None else 1.0)
-    return Pick(best, winner, normalised, {"votes": totals})
