@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="algorithm option")
     solve.add_argument("--reference", help="the known answer: report whether the chosen one matches")
     solve.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    solve.add_argument(
+        "--trace", metavar="FILE", help="write every step of every particle to FILE (view it: itscale view FILE)"
+    )
     add_backend_arguments(solve)
     add_settings_arguments(solve)
     solve.set_defaults(handler=lambda args: asyncio.run(_solve(args)))
@@ -197,6 +200,12 @@ async def _solve(args: argparse.Namespace) -> int:
         await lm.close()
         if judge is not None:
             await judge.close()
+    if getattr(args, "trace", None):
+        from pathlib import Path
+
+        from itscale.files import write_json_atomic
+
+        write_json_atomic(Path(args.trace), result.trace_dict())
     matches = None
     if args.reference is not None:
         from itscale.answers import is_equivalent

@@ -213,8 +213,16 @@ class Result:
     settings: dict[str, Any] = field(default_factory=dict)
     # True when the token budget ran out before every particle finished.
     budget_limited: bool = False
+    # Every step of every particle (an `itscale.trace.Trace`), when recorded.
+    trace: Any = field(default=None, repr=False)
 
-    def to_dict(self, features: bool = False) -> dict[str, Any]:
+    def trace_dict(self) -> dict[str, Any] | None:
+        """The trace as JSON-ready data, with what a viewer shows beside it."""
+        if self.trace is None:
+            return None
+        return self.trace.to_dict(algorithm=self.algorithm, settings=self.settings, usage=self.usage.to_dict())
+
+    def to_dict(self, features: bool = False, trace: bool = False) -> dict[str, Any]:
         return {
             "answer": self.answer,
             "text": self.text,
@@ -226,6 +234,7 @@ class Result:
             "usage": self.usage.to_dict(),
             "diagnostics": self.diagnostics,
             "settings": self.settings,
+            **({"trace": self.trace_dict()} if trace and self.trace is not None else {}),
         }
 
 

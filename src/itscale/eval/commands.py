@@ -67,6 +67,9 @@ def add_commands(subparsers: Any) -> None:
     run.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     run.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray worker (default 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--trace", action="store_true", help="keep every run's trace in its record (for `itscale view DIR ...`)"
+    )
     add_backend_arguments(run)
     add_settings_arguments(run)
     run.set_defaults(handler=_eval, parser=run)
@@ -160,6 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
                 command=command_line(args),
                 ray_address=args.ray_address,
                 ray_cpus=args.ray_cpus,
+                trace=args.trace,
             )
     except KeyboardInterrupt as stop:  # said here, in full: the generic "interrupted" would repeat it
         print(

@@ -51,10 +51,11 @@ def evaluate(
     on_records: Sink | None = None,
     ray_address: str | None = None,
     ray_cpus: float = 1,
+    trace: bool = False,
 ) -> Summary:
     """Runs what `plan` still lacks in `out`. `lm`/`judge`: an open backend to use here
     (else the plan's backend is opened, and closed at the end); `on_records` is called after
-    each batch is safely written."""
+    each batch is safely written; `trace` keeps every run's trace in its records."""
     directory = OutputDir(out)
     identity = plan.identity()
     run = {
@@ -69,7 +70,7 @@ def evaluate(
         done = directory.results.load()
         summary = Summary(directory.path, len(done), 0, directory.results.dropped_torn_line)
         units = plan.units(done)
-        job = Job(plan.settings, plan.reward, plan.options)
+        job = Job(plan.settings, plan.reward, plan.options, trace)
         with EvalProgress(plan, done, units, enabled=progress) as bars:
 
             def sink(records: list[dict[str, Any]]) -> None:

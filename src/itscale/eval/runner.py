@@ -25,6 +25,7 @@ from itscale.rewards.base import close_reward
 from itscale.rewards.registry import make_reward
 from itscale.search import make_algorithm
 from itscale.search.settings import SearchSettings
+from itscale.trace import Trace, rollout_trace
 from itscale.types import Particle, Result, Usage
 
 
@@ -35,6 +36,7 @@ class Job:
     settings: SearchSettings
     reward: str
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trace: bool = False  # keep every run's trace in its records (`itscale view DIR --problem ...`)
 
 
 async def run_unit(unit: Unit, job: Job, lm: LanguageModel, judge: Any = None) -> list[dict[str, Any]]:
@@ -55,13 +57,16 @@ async def _run_unit(
 ) -> list[dict[str, Any]]:
     settings = job.settings.replace(budget=unit.run_budget, seed=unit.seed)
     if not unit.reuse:  # one run; several budgets only for an algorithm that ignores the budget
-        result = await search.run(lm, unit.problem.problem, settings, reward=reward)
+        result = await search.run(lm, unit.problem.problem, settings, reward=reward, trace=job.trace)
         records = [
             _record(unit, b, result, result.particles, result.answer, result.text, result.usage) for b in unit.budgets
         ]
+        if job.trace:
+            for record in records:
+                record["trace"] = result.trace_dict()
         return _stamped(records, started, lm)
     metered = MeteredModel(lm)
-    result = await search.run(metered, unit.problem.problem, settings, reward=reward)
+    result = await search.run(metered, unit.problem.problem, settings, reward=reward, trace=job.trace)
     shared, own = metered.prompt_split(len(result.particles), result.usage.prompt_tokens)
     records = []
     for algorithm, budgets in unit.picks:
@@ -80,6 +85,13 @@ async def _run_unit(
                 seconds_estimated=estimated,
                 rollouts_of=unit.algorithm,
             )
+            if job.trace:  # the rollouts this choice saw, and the choice
+                trace = Trace(result.trace.prompt)
+                rollout_trace(trace, subset)
+                chosen = subset[pick.index] if pick.index is not None else None
+                trace.finish(subset, pick.weights, chosen, pick.answer, pick.notes.get("votes"))
+                settings_of = {**result.settings, "algorithm": algorithm, "budget": b}
+                record["trace"] = trace.to_dict(algorithm=algorithm, settings=settings_of, usage=record["usage"])
             records.append(record)
     return _stamped(records, started, lm)
 

@@ -25,6 +25,7 @@ from itscale.lm.base import (
 from itscale.rewards.base import AGGREGATIONS, Reward
 from itscale.search.population import Run
 from itscale.search.settings import SearchSettings
+from itscale.trace import Trace
 from itscale.types import Particle, Prompt, Result
 
 
@@ -92,16 +93,19 @@ class Search:
         settings: SearchSettings | None = None,
         reward: Reward | None = None,
         observer: Callable[[Run], None] | None = None,
+        trace: bool = True,
         **overrides: Any,
     ) -> Result:
         """Solves one prompt. `overrides` are SearchSettings fields (budget=16, seed=1);
-        `observer` is called with the run after every step (for progress displays)."""
+        `observer` is called with the run after every step (for progress displays); `trace`
+        records every step of every particle in `Result.trace` (see itscale.trace)."""
         settings = (settings or SearchSettings()).replace(**overrides) if overrides else (settings or SearchSettings())
         if self.uses_reward and reward is None:
             raise UsageError(f"algorithm {self.name!r} needs a reward; pass one (for example LLMJudge)")
         prompt = Prompt.of(prompt, system=settings.system_prompt)
         run = Run(self, lm, prompt, settings, reward if self.uses_reward else None)
         run.observer = observer
+        run.trace = Trace([{"role": m.role, "content": m.content} for m in prompt.messages]) if trace else None
         started = time.perf_counter()
         try:
             result = await self.search(run)

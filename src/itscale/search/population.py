@@ -39,6 +39,7 @@ from itscale.lm.base import (
 )
 from itscale.rewards.base import Reward, RewardGuard, ScoreRequest, aggregate
 from itscale.search.settings import SearchSettings, derive_seed
+from itscale.trace import Trace, rollout_trace
 from itscale.types import Particle, Prompt, Resampling, Result, Step, Stopwatch, Usage
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ class Run:
         self.sweep = 0
         self.budget_limited = False
         self.observer: Callable[[Run], None] | None = shared.observer if shared is not None else None
+        # The trace, shared by the sub-runs (chains) of one search; None when not recorded.
+        self.trace: Trace | None = shared.trace if shared is not None else None
+        self.chain = key if shared is not None else 0
 
     def spawn(self, algorithm: Search, key: int) -> Run:
         """A sub-run of `algorithm` sharing this run's backend, reward, usage and ids."""
@@ -304,6 +308,14 @@ class Run:
             self.diagnostics["backend"] = dict(self.lm.diagnostics)
         if getattr(self.lm, "warnings", None):
             self.diagnostics["warnings"] = list(self.lm.warnings.values())
+        if self.trace is not None:
+            mine = [c for c in self.trace.columns if c.chain == self.chain]
+            if not mine:
+                rollout_trace(self.trace, self.particles, self.sweep, self.chain)  # independent rollouts
+            elif [n["id"] for n in mine[-1].nodes] != [p.id for p in self.particles]:
+                # A last selection (beam search keeping its best N) made the final population.
+                self.trace.record(self.particles, self.step, self.sweep, self.chain, set())
+            self.trace.finish(self.particles, weights, chosen, answer, self.diagnostics.get("votes"))
         return Result(
             answer=answer,
             text=chosen.text if chosen is not None else "",
@@ -319,6 +331,7 @@ class Run:
                 "reward": getattr(self.reward, "name", None),
             },
             budget_limited=self.budget_limited,
+            trace=self.trace,
         )
 
 
@@ -393,8 +406,12 @@ async def lockstep(runs: Sequence[Run]) -> None:
                     if not p.finished:
                         r.finish(p, "max_steps")
         await score_together([(r, ps) for r, ps in live if r.algorithm.score_each_step])
-        for r in active:
+        for r, ps in live:
+            events = len(r.genealogy)
+            column = r.trace.record(r.particles, r.step, r.sweep, r.chain, {p.id for p in ps}) if r.trace else None
             await r.algorithm.select(r)
+            if column is not None:
+                r.trace.selected(column, r.genealogy[-1] if len(r.genealogy) > events else None)
             if r.algorithm.score_each_step and not r.algorithm.keeps_finished_branches:
                 # Finished particles are never extended again; an algorithm that scores at
                 # the end keeps their branches so the reward can reuse their KV cache.

@@ -1,0 +1,89 @@
+"""The trace the population loop records, checked on the toy model for every algorithm."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from itscale.errors import UsageError
+from itscale.search import algorithm_names, make_algorithm
+from itscale.search.settings import SearchSettings
+from itscale.trace import check_trace, to_llamppl
+from toy import STOP, TRANS, G, MarkovLM, PotentialReward
+
+
+async def traced(name: str, budget: int = 8, seed: int = 3) -> dict:
+    result = await make_algorithm(name).run(
+        MarkovLM(TRANS, STOP),
+        "toy",
+        SearchSettings(budget=budget, seed=seed, max_steps=4, system_prompt=None),
+        reward=PotentialReward(G),
+    )
+    return json.loads(json.dumps(result.trace_dict()))  # as a file would hold it
+
+
+@pytest.mark.parametrize("name", algorithm_names())
+async def test_every_parent_is_in_the_previous_column_and_the_final_population_is_the_last(name: str) -> None:
+    trace = await traced(name)
+    assert trace["format"] == "itscale-trace" and trace["version"] == 1 and trace["columns"]
+    last_of: dict[tuple[int, int], set[int]] = {}
+    for column in trace["columns"]:
+        key = (column["chain"], column["sweep"])
+        previous = last_of.get(key)
+        for node in column["nodes"]:
+            if previous is None:
+                assert node["parent"] is None  # a sweep's first column starts from the prompt
+            else:
+                assert node["parent"] in previous, (name, column["step"], node)
+        if column["selection"]:
+            assert set(column["selection"]["parents"]) <= {n["id"] for n in column["nodes"]}
+        last_of[key] = {n["id"] for n in column["nodes"]}
+    final = trace["final"]
+    assert math.isclose(sum(final["weights"]), 1.0, abs_tol=1e-9)
+    chains = [c for c in trace["columns"] if set(final["ids"]) == {n["id"] for n in c["nodes"]}]
+    assert chains and chains[-1] is [c for c in trace["columns"] if c["chain"] == chains[-1]["chain"]][-1]
+    assert final["chosen"] is None or final["chosen"] in final["ids"]
+
+
+async def test_resampling_is_recorded_with_the_ess_and_the_parents_of_every_child() -> None:
+    trace = await traced("particle-filter", budget=8)
+    resampled = [c for c in trace["columns"] if c["resampled"]]
+    assert resampled
+    for column in resampled:
+        assert len(column["selection"]["parents"]) == len(column["selection"]["children"]) == 8
+        assert 1.0 <= column["ess"] <= 8.0
+        # the next column's nodes are the children, each linked to its parent
+        following = trace["columns"][trace["columns"].index(column) + 1] if column is not trace["columns"][-1] else None
+        if following is not None:
+            links = {n["id"]: n["parent"] for n in following["nodes"]}
+            for child, parent in zip(column["selection"]["children"], column["selection"]["parents"], strict=True):
+                assert links[child] == parent
+
+
+async def test_a_trace_of_a_finished_particle_carries_it_unchanged() -> None:
+    trace = await traced("particle-filter", budget=16, seed=4)
+    seen_finished = False
+    for column in trace["columns"]:
+        for node in column["nodes"]:
+            if node["finished"] and not node["extended"]:
+                seen_finished = True
+                assert node["text"] == ""  # carried along, no new step
+    assert seen_finished
+
+
+async def test_the_llamppl_export_has_a_history_of_steps_and_resamplings() -> None:
+    trace = await traced("particle-filter", budget=4)
+    record = to_llamppl(trace)
+    modes = [h["mode"] for h in record["history"]]
+    assert modes.count("smc_step") == len(trace["columns"]) and "resample" in modes
+    first = record["history"][0]
+    assert len(first["particles"]) == 4 and all("contents" in p and "logweight" in p for p in first["particles"])
+
+
+def test_a_file_that_is_not_a_trace_or_is_too_new_is_one_clear_error() -> None:
+    with pytest.raises(UsageError, match="not an itscale trace"):
+        check_trace({"answer": 3}, "run.json")
+    with pytest.raises(UsageError, match="newer than this itscale reads"):
+        check_trace({"format": "itscale-trace", "version": 99, "columns": []}, "run.json")
