@@ -1,0 +1,280 @@
+"""The learned process reward: hidden states from the engine, `itscale train-reward`, the
+probe reward, end to end on SmolLM2 at a tiny scale, and the head's training on features
+with a known answer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import THREADS
+from itscale.errors import UsageError
+from itscale.lm.base import StepSettings
+from itscale.lm.chat import MATH_SYSTEM_PROMPT
+from itscale.rewards.base import ScoreRequest
+from itscale.rewards.probe import ProbeReward, ValueHead
+from itscale.rewards.registry import make_reward
+from itscale.rewards.training import (
+    Examples,
+    TrainSettings,
+    auroc,
+    auroc_within,
+    split_by_problem,
+    train,
+)
+from itscale.search import make_algorithm
+from itscale.types import Prompt
+
+PROBLEM = Prompt.of("Tom has 3 apples and buys 4 more. How many apples does he have?", system=MATH_SYSTEM_PROMPT)
+STEPS = StepSettings(temperature=0.8, max_step_tokens=24, max_tokens=72)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ------------------------------------------------------------------ hidden states
+
+
+async def test_every_step_carries_the_state_after_its_last_token(smol) -> None:
+    """Features come with generation (a rollout's next step computes them; a single step
+    or a rollout's last feeds its last token once more) and equal a separate evaluation of
+    the same tokens on a fork."""
+    smol.enable_features()
+    root = await smol.start(PROBLEM)
+    rollout, stepped = smol.fork(root), smol.fork(root)
+    smol.release(root)
+    [outs] = await smol.extend_to_end([rollout], STEPS, [[11, 12, 13, 14]], [72], lambda text: False)
+    single = []
+    for seed in (21, 22):
+        single += await smol.extend([stepped], STEPS, [seed])
+    try:
+        for branch, steps in ((rollout, outs), (stepped, single)):
+            assert steps and all(s.features is not None and s.features.shape == (smol.n_embd,) for s in steps)
+            for k, step in enumerate(steps, start=1):
+                prefix = smol.fork(branch, steps=k)
+                [(again, cost)] = await smol.features([prefix])
+                smol.release(prefix)
+                assert cost >= 1
+                # The same tokens; a batch of one token and a lone one round differently.
+                assert cosine(again, step.features) > 0.999, (k, step.end)
+        # Different prefixes have different states.
+        assert cosine(outs[0].features, outs[-1].features) < 0.99
+    finally:
+        smol.release(rollout)
+        smol.release(stepped)
+
+
+async def test_steps_from_elsewhere_get_their_features_from_their_text(smol, tmp_path) -> None:
+    """A request without the generator's records (a server's steps, a file) is evaluated on
+    the engine from its text; when the text tokenises as it was generated, the features are
+    the generator's."""
+    smol.enable_features()
+    result = await make_algorithm("greedy").run(smol, PROBLEM, max_tokens=48, max_step_tokens=24)
+    particle = result.particles[0]
+    texts = tuple(s.text for s in particle.steps)
+    head = synthetic_head(smol.n_embd, seed=0)
+    reward = probe_on(smol, head, tmp_path)
+    recorded = await reward.score([ScoreRequest(PROBLEM, texts, records=tuple(particle.steps))])
+    from_text = await probe_on(smol, head, tmp_path).score([ScoreRequest(PROBLEM, texts)])
+    assert recorded.tokens == 0 and from_text.tokens > 0  # features from records cost nothing
+    assert from_text.values[0] == pytest.approx(recorded.values[0], abs=0.02)
+
+
+# ------------------------------------------------------------------ training
+
+
+def synthetic(n_problems: int = 300, per_problem: int = 8, d: int = 16, seed: int = 0):
+    """Rows whose label follows a known logistic rule y ~ Bernoulli(sigmoid(w . x + b)),
+    with a per-problem offset (some problems are easier) the rule does not see."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(d)
+    w /= np.linalg.norm(w) / 2.0
+    x = rng.standard_normal((n_problems * per_problem, d)).astype(np.float32)
+    problem = np.repeat(np.arange(n_problems), per_problem)
+    offset = rng.normal(0, 0.5, n_problems)[problem]
+    p = 1 / (1 + np.exp(-(x @ w + offset)))
+    y = (rng.random(len(p)) < p).astype(np.float32)
+    n = len(y)
+    data = Examples(x, y, problem, np.arange(n), np.ones(n, dtype=bool), y.astype(bool))
+    return data, w, p
+
+
+def test_training_recovers_a_known_linear_rule() -> None:
+    data, w, p = synthetic()
+    head, report = train(data, 300, TrainSettings(kind="linear", seed=1))
+    learned = head.weights[0] / head.scale  # back in the features' own units
+    assert cosine(learned, w) > 0.95
+    # On the validation problems it ranks about as well as the true rule itself does.
+    validation = split_by_problem(300, 0.2, 1)[data.problem]
+    best_possible = auroc(p[validation], data.labels[validation] > 0.5)
+    assert report["candidates"][0]["validation"]["step_auroc_pooled"] > best_possible - 0.03
+    # Reproducible from the seed.
+    again, _ = train(data, 300, TrainSettings(kind="linear", seed=1))
+    assert np.array_equal(again.weights[0], head.weights[0])
+
+
+def test_the_mlp_learns_a_rule_a_line_cannot() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4000, 8)).astype(np.float32)
+    y = ((x[:, 0] * x[:, 1]) > 0).astype(np.float32)  # XOR of two signs
+    problem = np.arange(4000) // 10
+    data = Examples(x, y, problem, np.arange(4000), np.ones(4000, dtype=bool), y.astype(bool))
+    head, report = train(data, 400, TrainSettings(kind="auto", hidden=32, seed=0, learning_rate=3e-3))
+    by_kind = {c["kind"]: c["validation"]["auroc_pooled"] for c in report["candidates"]}
+    assert by_kind["mlp"] > 0.9 > 0.6 > by_kind["linear"]
+    assert report["chosen"] == "mlp" and head.kind == "mlp"
+
+
+def test_auroc_within_a_problem_averages_over_problems_with_both_labels() -> None:
+    scores = [0.9, 0.1, 0.5, 0.4, 0.7, 0.8]
+    labels = [True, False, False, True, True, True]
+    groups = ["a", "a", "b", "b", "c", "c"]  # c has only right answers: left out
+    assert auroc_within(scores, labels, groups) == (pytest.approx((1.0 + 0.0) / 2), 2)
+    assert auroc([1, 1, 1], [True, False, True]) == 0.5
+
+
+# ------------------------------------------------------------------ the reward and its errors
+
+
+def synthetic_head(d: int, seed: int) -> ValueHead:
+    rng = np.random.default_rng(seed)
+    return ValueHead(
+        "linear",
+        np.zeros(d, np.float32),
+        np.ones(d, np.float32),
+        (rng.standard_normal(d).astype(np.float32) / math.sqrt(d), np.float32(0.0)),
+    )
+
+
+def probe_on(model, head: ValueHead, directory: Path, sha: str | None = None) -> ProbeReward:
+    directory.mkdir(parents=True, exist_ok=True)
+    head.save(directory / "head.npz")
+    card = {"format": 1, "generator": {"name": model.name, "gguf_sha256": sha or model.sha256}}
+    (directory / "card.json").write_text(json.dumps(card))
+    return make_reward(f'probe(path="{directory}")', model)
+
+
+def test_a_head_for_another_model_or_a_damaged_one_is_refused_before_any_compute(smol, tmp_path) -> None:
+    head = synthetic_head(smol.n_embd, 0)
+    with pytest.raises(UsageError, match=r"trained for .*not for smollm2-135m"):
+        probe_on(smol, head, tmp_path / "other", sha="0" * 64)
+    probe_on(smol, head, tmp_path / "ok")
+    (tmp_path / "ok" / "head.npz").write_bytes(b"not a numpy file")
+    with pytest.raises(UsageError, match="damaged or not a head file"):
+        make_reward(f'probe(path="{tmp_path / "ok"}")', smol)
+    with pytest.raises(UsageError, match="no probe head in"):
+        make_reward(f'probe(path="{tmp_path / "missing"}")', smol)
+    wrong_size = synthetic_head(smol.n_embd + 1, 0)
+    with pytest.raises(UsageError, match=r"damaged|reads"):
+        probe_on(smol, wrong_size, tmp_path / "size")
+
+
+def test_a_server_generator_without_an_embedded_model_is_a_clear_error() -> None:
+    from itscale.lm.openai import OpenAIModel
+
+    with pytest.raises(UsageError, match="--judge-model"):
+        make_reward("probe", OpenAIModel("http://127.0.0.1:9", "m"))
+
+
+async def test_the_probe_scores_every_algorithm_and_combines_in_products(smol, tmp_path) -> None:
+    probe_on(smol, synthetic_head(smol.n_embd, 1), tmp_path / "head")
+    probe = f'probe(path="{tmp_path / "head"}")'
+    for spec in (probe, f"{probe} * arithmetic"):
+        reward = make_reward(spec, smol)
+        for name in ("particle-filter-sound", "best-of-n", "beam-search"):
+            result = await make_algorithm(name).run(
+                smol, PROBLEM, budget=2, max_steps=2, max_tokens=32, max_step_tokens=16, reward=reward
+            )
+            scores = [s.score for p in result.particles for s in p.steps if s.score is not None]
+            assert scores and all(0 < v < 1 for v in scores)
+            assert result.usage.reward_tokens == 0  # every step's features came with generation
+            assert not result.diagnostics.get("reward_failures")
+
+
+# ------------------------------------------------------------------ the command, end to end
+
+
+def problems_file(tmp_path: Path) -> Path:
+    rows = [
+        {"id": f"q{i}", "problem": f"What is {a} + {b}?", "answer": str(a + b)}
+        for i, (a, b) in enumerate([(1, 1), (2, 3), (4, 4), (5, 2), (3, 3), (6, 1)])
+    ]
+    path = tmp_path / "tiny_train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_reward(*args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "itscale.cli", "train-reward", "--model", "smollm2-135m", "--samples", "2",
+        "--max-tokens", "24", "--max-step-tokens", "12", "--n-threads", str(THREADS), "--concurrency", "1",
+        "--no-progress", *args,
+    ]  # fmt: skip
+
+
+def test_train_reward_end_to_end_resumes_after_a_kill(smol, tmp_path) -> None:
+    data, out = problems_file(tmp_path), tmp_path / "head"
+    rollouts = out / "rollouts.jsonl"
+    # Sampling, killed (SIGKILL: no clean-up) once some problems are written.
+    process = subprocess.Popen(
+        train_reward("--dataset", str(data), "--out", str(out), "--sample-only"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if rollouts.exists() and rollouts.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = [json.loads(line) for line in rollouts.read_text().splitlines()]
+    assert 2 <= len(before) < 6
+    # The same command again samples only what is missing, then trains.
+    done = subprocess.run(
+        train_reward("--dataset", str(data), "--out", str(out)), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in rollouts.read_text().splitlines()]
+    assert sorted(r["problem"] for r in records) == [f"q{i}" for i in range(6)]  # each once
+    assert [r["problem"] for r in records[: len(before)]] == [r["problem"] for r in before]  # kept, not redone
+    assert all(len(r["samples"]) == 2 for r in records)
+    card = json.loads((out / "card.json").read_text())
+    assert card["generator"]["name"] == "smollm2-135m" and card["generator"]["gguf_sha256"] == smol.sha256
+    assert card["label"] == "outcome" and card["data"]["problems"] == 6 and card["data"]["rollouts"] == 12
+    assert card["command"][:2] == ["itscale", "train-reward"] and card["date"]
+    assert {"auroc_pooled", "auroc_within", "problems"} <= set(card["validation"])
+    assert (out / "head.npz").stat().st_size < 1_000_000
+    # The head loads as a reward and scores.
+    reward = make_reward(f'probe(path="{out}")', smol)
+    assert reward.head.n_features == smol.n_embd
+    # Training again is reproducible (same seed, same records).
+    first = (out / "head.npz").read_bytes()
+    again = subprocess.run(
+        train_reward("--dataset", str(data), "--out", str(out), "--train-only"), capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    assert (out / "head.npz").read_bytes() == first
+
+
+def test_train_reward_refuses_a_test_split_and_bad_flags(tmp_path) -> None:
+    test_split = tmp_path / "gsm8k_test.jsonl"
+    test_split.write_text(json.dumps({"id": "t", "problem": "What is 1 + 1?", "answer": "2"}) + "\n")
+    for args, message in (
+        (["--dataset", str(test_split)], "is a test split"),
+        (["--samples", "0"], "--samples must be at least 1"),
+        (["--budget", "4"], "takes --samples"),
+        (["--label", "mc"], "needs Monte Carlo labels"),
+    ):
+        done = subprocess.run(train_reward("--out", str(tmp_path / "x"), *args), capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
