@@ -100,6 +100,9 @@ async def _sample_one(lm, problem: dict, seed: int, n_samples: int) -> dict:
     from itscale.search import make_algorithm
 
     started = time.perf_counter()
+    from itscale.rewards.training import encode_features
+
+    lm.enable_features()  # the learned probe reads the generator's hidden state after each step
     result = await make_algorithm("self-consistency").run(
         lm, problem["problem"], budget=n_samples, seed=seed, temperature=TEMPERATURE, max_tokens=MAX_TOKENS
     )
@@ -112,6 +115,7 @@ async def _sample_one(lm, problem: dict, seed: int, n_samples: int) -> dict:
                     "end": s.end,
                     "logprob": s.logprob,
                     "self_certainty": s.self_certainty,
+                    "features": encode_features(s.features[None, :]) if s.features is not None else None,
                 }
                 for s in p.steps
             ],
@@ -137,11 +141,31 @@ MEASURED: list[tuple[str, int | None]] = [
     ("self-certainty", None),
     ("self-certainty-kl", None),
     ("llm-judge", JUDGE_PROBLEMS),
+    ("probe", None),  # the learned head (--probe DIR, else the one shipped for the generator)
 ]
 # Products are computed from the cached scores of their factors, exactly as ProductReward
 # does (prod_i score_i ** a_i); their cost is the sum of the factors' costs.
-PRODUCTS = ["arithmetic * self-certainty", "arithmetic * llm-judge", "arithmetic * self-certainty * llm-judge"]
+PRODUCTS = [
+    "arithmetic * self-certainty",
+    "arithmetic * llm-judge",
+    "arithmetic * self-certainty * llm-judge",
+    "probe * arithmetic",
+]
 AGGREGATION_NAMES = ("last", "min", "prod", "mean", "model")
+
+
+def step_record(cached: dict):
+    """A generator's Step record from the cache, with its hidden state when it was kept."""
+    import base64
+
+    import numpy as np
+
+    from itscale.types import Step
+
+    fields = {k: v for k, v in cached.items() if k != "features"}
+    if cached.get("features") is not None:
+        fields["features"] = np.frombuffer(base64.b64decode(cached["features"]), dtype=np.float16).astype(np.float32)
+    return Step(**fields)
 
 
 def requests_for(problem: dict, record: dict) -> tuple[list, list[tuple[int, int | None]]]:
@@ -149,12 +173,12 @@ def requests_for(problem: dict, record: dict) -> tuple[list, list[tuple[int, int
     answer as one step (for model), with (particle, k or None) targets."""
     from itscale.lm.chat import MATH_SYSTEM_PROMPT
     from itscale.rewards.base import ScoreRequest
-    from itscale.types import Prompt, Step
+    from itscale.types import Prompt
 
     prompt = Prompt.of(problem["problem"], system=MATH_SYSTEM_PROMPT)
     requests, targets = [], []
     for i, particle in enumerate(record["particles"]):
-        steps = [Step(**s) for s in particle["steps"]]
+        steps = [step_record(s) for s in particle["steps"]]
         texts = tuple(s.text for s in steps)
         for k in range(1, len(steps) + 1):
             requests.append(ScoreRequest(prompt, texts[:k], records=tuple(steps[:k])))
@@ -164,19 +188,26 @@ def requests_for(problem: dict, record: dict) -> tuple[list, list[tuple[int, int
     return requests, targets
 
 
-async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | None = None) -> dict:
+async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | None = None, probe=None) -> dict:
     """Scores per reward: {problem id: {"steps": [[...] per particle], "model": [...],
-    "seconds", "tokens", "scored"}}, cached per reward and problem."""
+    "seconds", "tokens", "scored"}}, cached per reward (the probe: per head) and problem."""
     from itscale.rewards.registry import make_reward
 
     scores = {}
     for spec, limit in MEASURED:
-        path = CACHE / f"scores-{spec}.json"
+        name = spec if spec != "probe" or probe is None else f"probe-{Path(probe).resolve().name}"
+        path = CACHE / f"scores-{name}.json"
         cached = read_json(path, {})
         scores[spec] = cached
         if only is not None and spec not in only:
             continue  # report what is cached, score nothing new
-        reward = make_reward(spec, lm)
+        spec_with_options = f'probe(path="{probe}")' if spec == "probe" and probe is not None else spec
+        try:
+            reward = make_reward(spec_with_options, lm)
+        except Exception as error:  # no head for this generator yet: the table goes without it
+            print(f"not measuring {spec}: {error}", flush=True)
+            del scores[spec]
+            continue
         for problem in problems[:limit]:
             record = samples.get(problem["id"])
             if record is None or problem["id"] in cached:
@@ -224,26 +255,6 @@ def _product(entries: list[dict]) -> dict:
 # ------------------------------------------------------------------------------ metrics
 
 
-def auroc(scores: list[float], labels: list[bool]) -> float | None:
-    """P(score of a correct particle > score of a wrong one), ties counting half."""
-    positives = [s for s, y in zip(scores, labels, strict=True) if y]
-    negatives = [s for s, y in zip(scores, labels, strict=True) if not y]
-    if not positives or not negatives:
-        return None
-    ranked = sorted((s, y) for s, y in zip(scores, labels, strict=True))
-    # Mann-Whitney U with average ranks for ties.
-    rank_sum, i = 0.0, 0
-    while i < len(ranked):
-        j = i
-        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
-            j += 1
-        average_rank = (i + 1 + j) / 2
-        rank_sum += average_rank * sum(1 for _, y in ranked[i:j] if y)
-        i = j
-    u = rank_sum - len(positives) * (len(positives) + 1) / 2
-    return u / (len(positives) * len(negatives))
-
-
 def particle_scores(entry: dict, how: str) -> list[float]:
     from itscale.rewards.base import aggregate
 
@@ -254,6 +265,8 @@ def particle_scores(entry: dict, how: str) -> list[float]:
 
 def table_rows(problems: list[dict], samples: dict, scores: dict, limit: int | None) -> list[dict]:
     """One row per (reward, aggregation) on the first `limit` problems."""
+    from itscale.rewards.training import auroc
+
     chosen = [p["id"] for p in problems[:limit] if p["id"] in samples]
     rows = []
     for spec, by_problem in scores.items():
@@ -352,6 +365,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reverse", action="store_true", help="sample from the last problem backwards")
     parser.add_argument("--rewards", help="comma-separated rewards to score now (default: all measured)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for llama.cpp (1 on a busy machine)")
+    parser.add_argument("--probe", help="the probe head directory to measure (default: the one shipped)")
     args = parser.parse_args(argv)
 
     from itscale.lm.llamacpp import LlamaCppModel
@@ -359,14 +373,16 @@ async def main(argv: list[str] | None = None) -> None:
     problems = load_problems(args.problems)
     only = set(args.rewards.split(",")) if args.rewards else None
     sampled = all(p["id"] in load_samples(args.samples) for p in problems)
-    needs_engine = not sampled or only is None or "llm-judge" in only
-    lm = LlamaCppModel(GENERATOR, n_ctx=32768, n_seq_max=256, n_threads=args.threads) if needs_engine else None
+    needs_engine = not sampled or only is None or "llm-judge" in only or "probe" in only
+    # A KV buffer per sequence: the problems sampled at once do not slow each other's attention.
+    engine = {"kv_layout": "per-sequence", "seq_ctx": 1536, "n_seq_max": 128, "n_threads": args.threads}
+    lm = LlamaCppModel(GENERATOR, **engine) if needs_engine else None
     try:
         samples = await sample(lm, problems, args.samples, args.concurrency, args.reverse) if not sampled else None
         samples = samples or load_samples(args.samples)
         if args.sample_only:
             return
-        scores = await score_all(lm, problems, samples, only)
+        scores = await score_all(lm, problems, samples, only, args.probe)
     finally:
         if lm is not None:
             lm.shutdown()
