@@ -55,9 +55,12 @@ async def asolve(
     settings: SearchSettings | None = None,
     algorithm_options: dict[str, Any] | None = None,
     observer: Callable[[Run], None] | None = None,
+    trace: bool = True,
+    stream: Callable[[str], None] | None = None,
     **setting_values: Any,
 ) -> Result:
-    """Solves one problem on an open model. `setting_values` are SearchSettings fields."""
+    """Solves one problem on an open model. `setting_values` are SearchSettings fields;
+    `observer`, `trace` and `stream` are `Search.run`'s."""
     search = make_algorithm(algorithm, **(algorithm_options or {}))
     unknown = set(setting_values) - set(SearchSettings.field_names())
     if unknown:
@@ -66,10 +69,10 @@ async def asolve(
         )
     settings = (settings or SearchSettings()).replace(**setting_values)
     if not isinstance(reward, str):
-        return await search.run(lm, problem, settings, reward=reward, observer=observer)
+        return await search.run(lm, problem, settings, reward=reward, observer=observer, trace=trace, stream=stream)
     made = make_reward(reward, lm, judge_model) if search.uses_reward else None
     try:
-        return await search.run(lm, problem, settings, reward=made, observer=observer)
+        return await search.run(lm, problem, settings, reward=made, observer=observer, trace=trace, stream=stream)
     finally:
         await close_reward(made)  # made here: its resources (an HTTP client) are ours to free
 

@@ -47,7 +47,11 @@ def _optional_int(text: str) -> int | None:
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per SearchSettings field, same name, same default."""
-    converters: dict[str, Callable[[str], Any]] = {"delimiter": _delimiter, "token_budget": _optional_int}
+    converters: dict[str, Callable[[str], Any]] = {
+        "delimiter": _delimiter,
+        "token_budget": _optional_int,
+        "stop": lambda text: (codecs.decode(text, "unicode_escape"),),
+    }
     for f in dataclasses.fields(SearchSettings):
         default = f.default
         kind = converters.get(f.name) or (type(default) if default is not None else str)
@@ -128,9 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from itscale.eval.commands import add_commands as eval_commands
     from itscale.rewards.commands import add_commands as reward_commands
+    from itscale.server.commands import add_commands as server_commands
 
     reward_commands(sub)
     eval_commands(sub)
+    server_commands(sub)
     return parser
 
 

@@ -29,6 +29,10 @@ class BackendError(ItscaleError):
     """A language-model server was unreachable, answered with an error or with bad JSON."""
 
 
+class BackendTimeout(BackendError):
+    """A language-model server did not answer in time (after retries)."""
+
+
 class RewardError(ItscaleError):
     """A reward failed more often than the run allows."""
 

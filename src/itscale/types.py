@@ -20,9 +20,9 @@ Role = Literal["system", "user", "assistant"]
 # Why a step ended. "delimiter": the step delimiter was generated; "step_cap": the per-step
 # token cap was reached (the particle goes on); "eos": the model ended its turn; "answer":
 # the step completed a \boxed{} answer; "length": the particle's total token cap was reached;
-# "max_steps": the step cap was reached.
-StepEnd = Literal["delimiter", "step_cap", "eos", "answer", "length", "max_steps"]
-FINISHING = frozenset({"eos", "answer", "length", "max_steps"})
+# "max_steps": the step cap was reached; "stop": the step held one of the settings' stop strings.
+StepEnd = Literal["delimiter", "step_cap", "eos", "answer", "length", "max_steps", "stop"]
+FINISHING = frozenset({"eos", "answer", "length", "max_steps", "stop"})
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,9 @@ class Plan:
     def identity(self) -> dict[str, Any]:
         settings = dataclasses.asdict(self.settings)
         del settings["budget"], settings["seed"]  # per record: the grid
+        for added_later in ("stop",):  # at their defaults, settings added since are not part of
+            if not settings[added_later]:  # an identity, so directories made before them still match
+                del settings[added_later]
         return {
             "dataset": {"source": self.dataset.source, "fingerprint": self.dataset.fingerprint},
             "model": self.backend.identity(),

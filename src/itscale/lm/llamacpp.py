@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,6 +145,9 @@ class _Generate(_Work):
     awaiting_features: StepOutput | None = None
     closing: bool = False
     closing_output: StepOutput | None = None
+    # Streaming: the text as it is generated, whole characters at a time.
+    on_text: Callable[[str], None] | None = None
+    text_decoder: Any = None
 
     def __post_init__(self) -> None:
         self.needs_features = self.branch.owner.features_enabled
@@ -192,6 +196,8 @@ class LlamaCppModel:
     `n_seq_max` is the number of sequences the cache holds at once, `n_batch` the most
     tokens decoded in one call.
     """
+
+    streams_text = True  # extend_to_end can hand on the text as it is generated (on_text)
 
     def __init__(
         self,
@@ -421,12 +427,17 @@ class LlamaCppModel:
         seeds: Sequence[Sequence[int]],
         max_new_tokens: Sequence[int],
         stop: Callable[[str], bool],
+        on_text: Callable[[int, str], None] | None = None,
     ) -> list[list[StepOutput]]:
         """Extends each branch step after step, in this engine's thread, until the model
         ends its answer, `stop(step text)` is true, its `max_new_tokens[i]` are spent or
         its `seeds[i]` (one per step) run out. A branch that ends a step starts its next
         one in the following round, whatever the other branches are doing, so no branch
-        waits for another's step and the batch composition never depends on timing."""
+        waits for another's step and the batch composition never depends on timing.
+
+        `on_text(i, text)`, if given, receives branch i's text as it is generated (whole
+        characters); it is called from the engine thread and must only hand the text on
+        (for example with `loop.call_soon_threadsafe`)."""
         works = []
         for i, b in enumerate(branches):
             branch = self._extendable(b)
@@ -443,6 +454,7 @@ class LlamaCppModel:
                     allowance=allowance,
                     stop=stop,
                     steps=[],
+                    on_text=(lambda text, i=i: on_text(i, text)) if on_text is not None else None,
                 )
             )
         return await self._submit(works)
@@ -851,6 +863,11 @@ class LlamaCppModel:
             b.tokens.append(token)
             piece = self._piece(token)
             w.step_bytes += piece
+            if w.on_text is not None:
+                if w.text_decoder is None:
+                    w.text_decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                if text := w.text_decoder.decode(piece):
+                    w.on_text(text)
             delimiter = s.delimiter if isinstance(s.delimiter, int) else s.delimiter.encode()
             end = step_end(w.step_bytes, piece, delimiter, w.new_tokens, w.cap)
             if len(b.tokens) >= self.seq_capacity - 1:

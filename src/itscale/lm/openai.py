@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import httpx
 
-from itscale.errors import BackendError, UsageError
+from itscale.errors import BackendError, BackendTimeout, UsageError
 from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, extend_step_by_step, step_end
 from itscale.lm.chat import CHATML, ChatTemplate
 from itscale.types import Message, Prompt
@@ -176,7 +176,8 @@ class OpenAIModel:
             if not isinstance(data, dict):
                 raise BackendError(f"{url} returned JSON that is not an object: {response.text[:200]!r}")
             return data
-        raise BackendError(f"{url}: {last} (gave up after {attempt + 1} attempts)")
+        error = BackendTimeout if last.startswith("timed out") else BackendError
+        raise error(f"{url}: {last} (gave up after {attempt + 1} attempts)")
 
     def note(self, topic: str, warning: str) -> None:
         """Something every result made through this backend should say (once per topic)."""
@@ -192,6 +193,10 @@ class OpenAIModel:
             self._close_on_its_loop()
 
     # ----------------------------------------------------------------- setup
+
+    async def start_up(self) -> None:
+        """Learns the served model's name and chat template now rather than at the first request."""
+        await self._ensure_ready()
 
     async def _ensure_ready(self) -> None:
         await self._http()

@@ -28,6 +28,22 @@ from itscale.rewards.spec import parse_spec
 DEFAULT_REWARD = "arithmetic * self-certainty"
 
 
+def default_reward(lm: Any, judge_model: Any = None) -> str:
+    """The reward a search uses when none is named: the learned probe where a head is shipped
+    for the embedded model and its card says it beat the heuristic (`"default": true`, set
+    from the measurements in docs/rewards.md), else `DEFAULT_REWARD`."""
+    from itscale.lm.llamacpp import LlamaCppModel
+    from itscale.rewards.probe import read_card, shipped_head
+
+    model = lm if isinstance(lm, LlamaCppModel) else judge_model
+    if not isinstance(model, LlamaCppModel):
+        return DEFAULT_REWARD
+    head = shipped_head(model.name)
+    if head is None or not read_card(head).get("default"):
+        return DEFAULT_REWARD
+    return "probe"
+
+
 @dataclass(frozen=True)
 class RewardEntry:
     build: Callable[..., Reward]

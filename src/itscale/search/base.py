@@ -94,17 +94,21 @@ class Search:
         reward: Reward | None = None,
         observer: Callable[[Run], None] | None = None,
         trace: bool = True,
+        stream: Callable[[str], None] | None = None,
         **overrides: Any,
     ) -> Result:
         """Solves one prompt. `overrides` are SearchSettings fields (budget=16, seed=1);
         `observer` is called with the run after every step (for progress displays); `trace`
-        records every step of every particle in `Result.trace` (see itscale.trace)."""
+        records every step of every particle in `Result.trace` (see itscale.trace); `stream`
+        receives the text as it is generated when the search is a single rollout on a backend
+        that can stream (the embedded engine), from the engine's thread."""
         settings = (settings or SearchSettings()).replace(**overrides) if overrides else (settings or SearchSettings())
         if self.uses_reward and reward is None:
             raise UsageError(f"algorithm {self.name!r} needs a reward; pass one (for example LLMJudge)")
         prompt = Prompt.of(prompt, system=settings.system_prompt)
         run = Run(self, lm, prompt, settings, reward if self.uses_reward else None)
         run.observer = observer
+        run.stream = stream
         run.trace = Trace([{"role": m.role, "content": m.content} for m in prompt.messages]) if trace else None
         started = time.perf_counter()
         try:

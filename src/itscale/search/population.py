@@ -95,6 +95,8 @@ class Run:
         self.sweep = 0
         self.budget_limited = False
         self.observer: Callable[[Run], None] | None = shared.observer if shared is not None else None
+        # Where a single rollout's text goes as it is generated (see `rollout`), if anywhere.
+        self.stream: Callable[[str], None] | None = shared.stream if shared is not None else None
         # The trace, shared by the sub-runs (chains) of one search; None when not recorded.
         self.trace: Trace | None = shared.trace if shared is not None else None
         self.chain = key if shared is not None else 0
@@ -201,7 +203,11 @@ class Run:
         steps = self.settings.max_steps - first
         seeds = [[derive_seed(self.settings.seed, self.sweep, first + k, p.id) for k in range(steps)] for p in live]
         with Stopwatch(self.usage, "lm_seconds"):
-            outputs = await extend_to_end(self.lm, [p.branch for p in live], settings, seeds, remaining)
+            # A single rollout can be streamed as it is generated (a server's budget-1 request).
+            on_text = (lambda i, text: self.stream(text)) if self.stream is not None and len(live) == 1 else None
+            outputs = await extend_to_end(
+                self.lm, [p.branch for p in live], settings, seeds, remaining, self._rollout_stop, on_text
+            )
         self.usage.lm_calls += 1
         for p, outs in zip(live, outputs, strict=True):
             for out in outs:
@@ -224,13 +230,22 @@ class Run:
         remaining = [max(1, settings.max_tokens - p.tokens) for p in live]
         return remaining if allowance is None else [min(r, allowance) for r in remaining]
 
+    def _rollout_stop(self, text: str) -> bool:
+        """Whether a rollout ends after a step with this text: a complete \\boxed{} answer
+        or one of the settings' stop strings."""
+        return has_boxed_answer(text) or _stop_cut(text, self.settings.stop) is not None
+
     def _record(self, p: Particle, out: StepOutput, settings: StepSettings) -> None:
         """Appends a generated step to its particle, counts it, and ends the particle if
         the step ended its answer."""
-        p.steps.append(Step(out.text, out.tokens, out.end, out.logprob, out.self_certainty, features=out.features))
+        cut = _stop_cut(out.text, self.settings.stop)
+        text = out.text if cut is None else out.text[:cut]
+        p.steps.append(Step(text, out.tokens, out.end, out.logprob, out.self_certainty, features=out.features))
         self.usage.prompt_tokens += out.prompt_tokens
         self.usage.completion_tokens += out.tokens
-        if out.end == "eos":
+        if cut is not None:
+            self.finish(p, "stop")  # a stop string: the answer ends before it
+        elif out.end == "eos":
             self.finish(p, "eos")
         elif has_boxed_answer(out.text):
             self.finish(p, "answer")
@@ -367,6 +382,7 @@ async def extend_to_end(
     seeds: Sequence[Sequence[int]],
     max_new_tokens: Sequence[int],
     stop: Callable[[str], bool] = has_boxed_answer,
+    on_text: Callable[[int, str], None] | None = None,
 ) -> list[list[StepOutput]]:
     """Extends each branch step after step (step k seeded by `seeds[i][k]`) until the model
     ends its answer, `stop(step text)` holds (by default: the step has a complete \\boxed{}
@@ -374,6 +390,8 @@ async def extend_to_end(
     `extend_to_end` of its own does this inside its batching (the embedded engine: in its
     thread, so batch composition never depends on timing; a server: one request a rollout);
     for any other, each branch's steps are requested one after another."""
+    if on_text is not None and getattr(lm, "streams_text", False):  # a backend that streams: text as it comes
+        return await lm.extend_to_end(branches, settings, seeds, max_new_tokens, stop, on_text=on_text)
     if isinstance(lm, ExtendsToEnd):
         return await lm.extend_to_end(branches, settings, seeds, max_new_tokens, stop)
     return await extend_step_by_step(lm, branches, settings, seeds, max_new_tokens, stop)
@@ -420,3 +438,9 @@ async def lockstep(runs: Sequence[Run]) -> None:
                         r.release(p)
             if r.observer is not None:
                 r.observer(r)
+
+
+def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first of the stop strings begins in `text`, or None."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return min(found) if found else None

@@ -29,7 +29,9 @@ class SearchSettings:
     max_step_tokens / max_tokens: caps per step / per particle; temperature, top_p: the
     generator's sampling; token_budget: a hard cap on generated plus reward tokens, after
     which the search returns its best current answer marked budget-limited; system_prompt:
-    prepended when the prompt has none; reward_*: how a failing reward is handled.
+    prepended when the prompt has none; stop: strings that end an answer where they appear
+    (the text stops before them, as OpenAI's `stop`); reward_*: how a failing reward is
+    handled.
     """
 
     budget: int = 8
@@ -42,6 +44,7 @@ class SearchSettings:
     top_p: float = 1.0
     token_budget: int | None = None
     system_prompt: str | None = MATH_SYSTEM_PROMPT
+    stop: tuple[str, ...] = ()
     reward_fallback: float = 0.5
     reward_timeout: float = 300.0
     max_reward_failures: int = 3
@@ -53,6 +56,10 @@ class SearchSettings:
             raise UsageError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.token_budget is not None and self.token_budget < 1:
             raise UsageError(f"token_budget must be positive, got {self.token_budget}")
+        if isinstance(self.stop, str) or not all(isinstance(t, str) and t for t in self.stop):
+            raise UsageError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if len(self.stop) > 4:
+            raise UsageError(f"at most 4 stop strings (as OpenAI allows), got {len(self.stop)}")
         if self.max_reward_failures < 1:
             raise UsageError(f"max_reward_failures must be at least 1, got {self.max_reward_failures}")
         if not 0.0 <= self.reward_fallback <= 1.0:
