@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from itscale.errors import UsageError
 
 if TYPE_CHECKING:
+    from itscale.eval.coverage import CoverageCurve
     from itscale.eval.report import Row
 
 MARKERS = "osD^vP*X<>"
@@ -36,6 +37,40 @@ def plot_scaling(rows: Sequence[Row], directory: Path, title: str) -> dict[str, 
         paths["accuracy_vs_tokens"],
     )
     return paths
+
+
+def plot_coverage(curves: Sequence[CoverageCurve], directory: Path, title: str) -> dict[str, Path]:
+    """coverage_vs_k.png: pass@k of each set of rollouts with its fitted law (extended to 4n,
+    dashed), and the accuracy of every method that chose among them, against k (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = directory / "coverage_vs_k.png"
+    figure, axes = plt.subplots(figsize=(10, 5.6), dpi=150)
+    methods = sorted({m for c in curves for m in c.selected})
+    colours = dict(zip(methods, _colours(len(methods)), strict=False))
+    for curve in curves:
+        axes.plot(curve.ks, [100 * v for v in curve.coverage], "k-", lw=2, label=f"pass@k ({curve.source}'s rollouts)")
+        if curve.law is not None:
+            xs = [1 + i * (4 * curve.samples - 1) / 200 for i in range(201)]
+            axes.plot(xs, [100 * curve.fitted(x) for x in xs], "k--", lw=1,
+                      label=f"fit exp({curve.law[0]:.2f} k^{curve.law[1]:.2f})")  # fmt: skip
+        for i, (method, accuracy) in enumerate(sorted(curve.selected.items())):
+            budgets = sorted(accuracy)
+            axes.plot(budgets, [100 * accuracy[b] for b in budgets], marker=MARKERS[i % len(MARKERS)],
+                      color=colours[method], label=method)  # fmt: skip
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("k: samples (pass@k) or budget (a method's choice), log scale")
+    axes.set_ylabel("% of problems")
+    axes.set_title(f"coverage and selection · {title}", fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return {"coverage_vs_k": path}
 
 
 # Up to this many algorithms, their intervals shaded on one panel stay readable; beyond it

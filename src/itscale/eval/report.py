@@ -33,6 +33,7 @@ import numpy as np
 
 from itscale.answers import is_equivalent, majority
 from itscale.errors import UsageError
+from itscale.eval.coverage import CoverageCurve, coverage_curves, coverage_table
 from itscale.eval.store import RESULTS, OutputDir
 from itscale.files import write_atomic, write_json_atomic
 
@@ -260,6 +261,7 @@ def write_report(directory: str | Path, compare: list[str] | None = None) -> tup
     algorithms = algorithm_order(config)
     rows = summarise(records, algorithms)
     differences = paired_differences(records, compare, algorithms)
+    curves = coverage_curves(records)
     notes = [TOKEN_NOTE]
     unfinished = unfinished_note(config, records, left_out)
     if unfinished:
@@ -269,13 +271,16 @@ def write_report(directory: str | Path, compare: list[str] | None = None) -> tup
         "config": config,
         "rows": [asdict(r) for r in rows],
         "differences": [asdict(d) for d in differences],
+        "coverage": [asdict(c) for c in curves],
         "notes": notes,
     }
     write_json_atomic(paths["json"], report)
-    write_atomic(paths["markdown"], markdown(config, rows, notes, differences))
-    from itscale.eval.plots import plot_scaling
+    write_atomic(paths["markdown"], markdown(config, rows, notes, differences, curves))
+    from itscale.eval.plots import plot_coverage, plot_scaling
 
     paths.update(plot_scaling(rows, path, title=_title(config)))
+    if curves:
+        paths.update(plot_coverage(curves, path, title=_title(config)))
     return rows, paths
 
 
@@ -299,7 +304,13 @@ def _title(config: dict[str, Any]) -> str:
     return f"{dataset} · {name} · reward {identity.get('reward')}"
 
 
-def markdown(config: dict[str, Any], rows: list[Row], notes: list[str], differences: list[Difference] = ()) -> str:
+def markdown(
+    config: dict[str, Any],
+    rows: list[Row],
+    notes: list[str],
+    differences: list[Difference] = (),
+    curves: list[CoverageCurve] = (),
+) -> str:
     identity = config.get("identity", {})
     settings = identity.get("settings", {})
     dataset = identity.get("dataset", {})
@@ -357,6 +368,9 @@ def markdown(config: dict[str, Any], rows: list[Row], notes: list[str], differen
     for note in notes:
         lines += ["", note]
     lines += selection_table(rows)
+    if curves:
+        lines += ["", "## Coverage and selection"]
+        lines += coverage_table(list(curves))
     lines += comparison_tables(differences)
     lines.append("")
     return "\n".join(lines)
