@@ -26,17 +26,8 @@ from itscale.search import make_algorithm
 from itscale.search.settings import SearchSettings
 from itscale.trace import to_llamppl
 from itscale.viewer import render_html
+from itscale.viewer.browser import CHROMIUM, launch
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 HOW_TO_ENABLE = "apt-get install chromium; pip install playwright"
 PROBLEM = "What is 3 + 4?"
 
@@ -58,7 +49,7 @@ async def browser():
     if not CHROMIUM.exists():
         browser_missing(f"{CHROMIUM} does not exist")
     async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        chromium = await launch(playwright)
         try:
             yield chromium
         finally:
