@@ -8,7 +8,8 @@ docs/results/trace-sound-pf.png).
 For each mode it runs `itscale solve` on the problem with the embedded qwen2.5-coder-0.5b and
 the default reward (`--budget 16 --max-tokens 512 --seed 0 --trace OUT/<mode>-pf.json`), then
 `itscale view` (OUT/<mode>-pf.html), then takes a screenshot of the page with the chosen
-particle selected. Needs Debian's Chromium and playwright (`apt-get install chromium;
+particle selected (`--redraw` draws the traces already written again, without searching).
+Needs Debian's Chromium and playwright (`apt-get install chromium;
 pip install playwright`). Extra arguments go to both `itscale solve` runs (`--n-threads 1`).
 Two searches at budget 16 take a few minutes each on a 2-core machine.
 """
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--out", default="docs/results/traces", help="where the traces and pages go")
     parser.add_argument("--pictures", default="docs/results", help="where the PNG pictures go")
+    parser.add_argument("--redraw", action="store_true", help="no search: draw the traces already in --out again")
     args, extra = parser.parse_known_args()
     problem = next((p for p in load_dataset(args.dataset).problems if p.id == args.problem), None)
     if problem is None:
@@ -49,8 +51,9 @@ def main() -> int:
             *("--budget", str(args.budget), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed)),
             *("--trace", str(trace), *extra),
         ]
-        print("$ itscale", " ".join(a if " " not in a else repr(a) for a in solve), file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "itscale.cli", *solve], check=True)
+        if not args.redraw:
+            print("$ itscale", " ".join(a if " " not in a else repr(a) for a in solve), file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "itscale.cli", *solve], check=True)
         subprocess.run([sys.executable, "-m", "itscale.cli", "view", str(trace), "--out", str(page)], check=True)
         asyncio.run(screenshot(page, png))
         print(png)

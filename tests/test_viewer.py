@@ -117,6 +117,14 @@ def lineage_steps(lane: list[dict], column: int, node_id: int) -> list[str]:
     return steps[::-1]
 
 
+def surviving_roots(lane: list[dict]) -> int:
+    """How many particles of the lane's first column have descendants in its last."""
+    alive = {n["id"] for n in lane[-1]["nodes"]}
+    for k in range(len(lane) - 1, 0, -1):
+        alive = {n["parent"] for n in lane[k]["nodes"] if n["id"] in alive}
+    return len(alive)
+
+
 def squeeze(text: str) -> str:
     return " ".join(text.split())
 
@@ -169,6 +177,12 @@ async def test_a_particle_filter_trace_shows_every_particle_parent_and_text(smol
     middle = max(0, len(lane) // 2 - 1)
     some = next(n for n in lane[middle]["nodes"] if n["extended"] and n["text"].strip())
     await assert_panel_shows_the_lineage(page, 0, lane, middle, some["id"])
+    # the surviving ancestry: the particles with no descendant at the end are faded
+    survivors = surviving_roots(lane)
+    assert await page.page.locator('#graph .node[data-column="0"]').count() == 6
+    assert await page.page.locator('#graph .node[data-column="0"]:not(.extinct)').count() == survivors
+    notes = await page.page.locator("#graph .lane-note").all_text_contents()
+    assert f"{survivors} of 6 roots survive" in notes
     # resampling steps are marked with their ESS, the final answers and usage are shown
     resampled = [c for c in lane if c["resampled"]]
     assert await page.page.locator("#graph .resample-band").count() == len(resampled)
@@ -332,7 +346,7 @@ async def test_a_big_search_renders_quickly_and_stays_readable(browser, tmp_path
     assert await page.counts() == (nodes, edges)
     assert opened < 20 and await page.page.evaluate("window.itscaleViewer.renderMilliseconds") < 5000
     # no per-node labels: the text in the drawing grows with columns, not with particles
-    assert await page.page.locator("#graph text").count() <= 3 + 2 * 30
+    assert await page.page.locator("#graph text").count() <= 4 + 2 * 30  # lane labels, step and ESS labels
     radii = await page.page.locator("#graph .node").evaluate_all("nodes => nodes.map(n => n.r.baseVal.value)")
     assert min(radii) >= 2.0  # a floor: the lightest particle can still be clicked
     assert await page.page.locator("#graph .node.zero").count() >= 30  # the -inf log-weights

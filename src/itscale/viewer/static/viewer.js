@@ -5,6 +5,8 @@
  * one circle per particle (area proportional to its weight normalised within the column),
  * a curve from each particle to its parent in the column before. Within a column the
  * particles are ordered by their parents' rows, so lineages do not cross needlessly.
+ * Particles with no descendant in their lane's last column are faded: what survives of the
+ * first column tells a collapsed search from a diverse one.
  * Clicking a particle shows its whole text step by step (following parents) in the side
  * panel; the final answers, the usage and the settings are beside it.
  */
@@ -139,6 +141,13 @@
         nodes += column.nodes.length;
       });
       lane.rows = Math.max(1, ...lane.columns.map((c) => c.nodes.length));
+      // The surviving ancestry: every particle with a descendant in the lane's last column.
+      // Resampling prunes the rest; how many first-step particles survive shows a collapse.
+      for (const n of lane.columns[lane.columns.length - 1].nodes) {
+        for (let a = n; a && !a.survives; a = a.parent) a.survives = true;
+      }
+      lane.roots = lane.columns[0].nodes.length;
+      lane.survivingRoots = lane.columns[0].nodes.filter((n) => n.survives).length;
     });
     let chosen = null;
     if (answering && final && final.chosen !== null && final.chosen !== undefined) {
@@ -213,6 +222,15 @@
       const count = s("text", { class: "lane-note", x: 10, y: lane.top + 47 });
       count.textContent = lane.columns.length + (lane.columns.length === 1 ? " column" : " columns");
       back.append(count);
+      const roots = s("text", { class: "lane-note survivors", x: 10, y: lane.top + 61 });
+      roots.textContent = lane.survivingRoots + " of " + lane.roots + " roots survive";
+      const why = s("title");
+      why.textContent =
+        lane.survivingRoots + " of the " + lane.roots + " particles of the first column have descendants in the last " +
+        "one; the faded particles left none (resampling dropped their line).";
+      const tipped = s("g"); // the tooltip beside the text, not in it
+      tipped.append(why, roots);
+      back.append(tipped);
       for (const column of lane.columns) {
         const x = LEFT + column.k * gap + gap / 2;
         const src = column.source;
@@ -256,7 +274,7 @@
         const p = n.parent;
         const mid = (p.x + n.x) / 2;
         n.edge = s("path", {
-          class: "edge",
+          class: n.survives ? "edge" : "edge extinct",
           d: "M" + p.x + "," + p.y + "C" + mid + "," + p.y + " " + mid + "," + n.y + " " + n.x + "," + n.y,
         });
         edgeLayer.append(n.edge);
@@ -273,6 +291,7 @@
       if (n.weight === 0) classes.push("zero");
       if (n.column.isFinal && finalIds.has(d.id)) classes.push("final");
       if (n === model.chosen) classes.push("chosen");
+      if (!n.survives) classes.push("extinct");
       n.el = s("circle", {
         class: classes.join(" "),
         cx: n.x,
@@ -334,8 +353,10 @@
     const box = h("div", { id: "particle-text" });
     const where = model.lanes.length > 1 ? " · " + laneTitle(lane, model) : "";
     box.append(h("p", {}, [h("strong", { text: "particle #" + d.id }), " at step " + n.column.source.step + where]));
-    const isFinal = n.column.isFinal && final && final.ids.includes(d.id);
-    const finalIndex = isFinal ? final.ids.indexOf(d.id) : -1;
+    const finalIds = final && final.ids ? final.ids : [];
+    const isFinal = n.column.isFinal && finalIds.includes(d.id);
+    const finalIndex = finalIds.indexOf(d.id);
+    const answer = view.particles ? view.particles[String(d.id)] : null;
     box.append(
       facts([
         ["weight in its column", fmt(n.weight)],
@@ -343,8 +364,8 @@
         ["reward", fmt(d.reward)],
         ["step reward", fmt(d.step_reward)],
         ["ended", d.end ? d.end + (d.finished ? " (finished)" : "") : "–"],
-        ["final answer", isFinal ? String(view.particles ? view.particles[String(d.id)] : "–") : undefined],
-        ["final weight", isFinal ? fmt(final.weights[finalIndex]) : undefined],
+        ["final answer", isFinal ? (answer === null || answer === undefined ? "(none)" : String(answer)) : undefined],
+        ["final weight", isFinal && final.weights ? fmt(final.weights[finalIndex]) : undefined],
         ["chosen", n === model.chosen ? "yes: this is the answer the search returned" : undefined],
       ]),
     );
@@ -378,7 +399,8 @@
 
   function headline() {
     const line = document.getElementById("headline");
-    line.append(h("span", { class: "algorithm", text: trace.algorithm || "search" }));
+    const mode = typeof settings.mode === "string" ? " (" + settings.mode + " mode)" : "";
+    line.append(h("span", { class: "algorithm", text: (trace.algorithm || "search") + mode }));
     if (final) {
       line.append(" · answer ", h("strong", { text: final.answer === null ? "none" : String(final.answer) }));
     } else {
@@ -474,7 +496,7 @@
     const rows = [["algorithm", trace.algorithm || "–"]];
     for (const [k, v] of Object.entries(settings)) {
       if (k === "algorithm") continue;
-      rows.push([k, typeof v === "string" ? JSON.stringify(v) : JSON.stringify(v)]);
+      rows.push([k, JSON.stringify(v)]);
     }
     if (context.source) rows.push(["evaluation", context.source]);
     box.append(facts(rows));
@@ -499,7 +521,7 @@
       item("finished cut", "cut by a cap"),
       item("finished carried", "carried along"),
       item("final chosen", "chosen"),
-      h("span", { text: "↻ ESS: resampled after this step · size: weight in its column" }),
+      h("span", { text: "↻ ESS: resampled after this step · size: weight in its column · faded: no descendant at the end" }),
     );
   }
 
