@@ -73,13 +73,44 @@ async def test_a_trace_of_a_finished_particle_carries_it_unchanged() -> None:
     assert seen_finished
 
 
-async def test_the_llamppl_export_has_a_history_of_steps_and_resamplings() -> None:
-    trace = await traced("particle-filter", budget=4)
-    record = to_llamppl(trace)
-    modes = [h["mode"] for h in record["history"]]
-    assert modes.count("smc_step") == len(trace["columns"]) and "resample" in modes
-    first = record["history"][0]
-    assert len(first["particles"]) == 4 and all("contents" in p and "logweight" in p for p in first["particles"])
+def rebuild_llamppl(history: list[dict]) -> list[list[tuple[str, str]]]:
+    """Every entry's strings as LLaMPPL's smc.html rebuilds them: the parent is particle j of
+    the entry before, or its `ancestors[j]` after a resampling; the newer viewer rebuilds a
+    string from the parent's with `keep` and `contents_incr`, the older reads `contents`."""
+    rows: list[list[tuple[str, str]]] = []
+    for i, entry in enumerate(history):
+        row = []
+        for j, particle in enumerate(entry["particles"]):
+            parent = None if i == 0 else rows[i - 1][entry["ancestors"][j] if entry["mode"] == "resample" else j]
+            rebuilt = (parent[1][: particle["keep"]] if parent else "") + particle["contents_incr"]
+            row.append((particle["contents"], rebuilt))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("name", ["particle-filter", "particle-gibbs"])
+async def test_the_llamppl_export_is_their_record_format_and_rebuilds_every_text(name: str) -> None:
+    trace = await traced(name, budget=4)
+    history = json.loads(json.dumps(to_llamppl(trace)))  # what `--llamppl FILE` writes
+    # the lane that answers: the last sweep of the chain whose last column holds the final particles
+    last = [c for c in trace["columns"] if {n["id"] for n in c["nodes"]} == set(trace["final"]["ids"])][-1]
+    lane = [c for c in trace["columns"] if (c["chain"], c["sweep"]) == (last["chain"], last["sweep"])]
+    assert isinstance(history, list) and len(history) == len(lane)
+    assert [h["step"] for h in history] == list(range(1, len(lane) + 1))
+    assert history[0]["mode"] == "init" and {h["mode"] for h in history} <= {"init", "smc_step", "resample"}
+    if name == "particle-filter":
+        assert any(h["mode"] == "resample" for h in history)
+    whole: dict[int, str] = {}
+    for column, entry, row in zip(lane, history, rebuild_llamppl(history), strict=True):
+        before = dict(whole)
+        for node, particle, (contents, rebuilt) in zip(column["nodes"], entry["particles"], row, strict=True):
+            prefix = before[node["parent"]] if node["parent"] is not None else ""
+            whole[node["id"]] = prefix + node["text"]
+            assert contents == rebuilt == f"{prefix}<<<{node['text']}>>>"
+            assert float(particle["logweight"]) == node["log_weight"]
+        if entry["mode"] == "resample":
+            previous = lane[lane.index(column) - 1]["nodes"]
+            assert [previous[a]["id"] for a in entry["ancestors"]] == [n["parent"] for n in column["nodes"]]
 
 
 def test_a_file_that_is_not_a_trace_or_is_too_new_is_one_clear_error() -> None:

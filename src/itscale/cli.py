@@ -1,4 +1,4 @@
-"""`itscale`: solve a problem, list models (and, in later modules, evaluate and serve).
+"""`itscale`: solve a problem, list models (and, in later modules, evaluate, serve and view traces).
 
 Every SearchSettings field is a flag of the same name (`max_steps` → `--max-steps`);
 algorithm options are `--option name=value` with the names of the Python classes.
@@ -133,10 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     from itscale.eval.commands import add_commands as eval_commands
     from itscale.rewards.commands import add_commands as reward_commands
     from itscale.server.commands import add_commands as server_commands
+    from itscale.viewer.commands import add_commands as view_commands
 
     reward_commands(sub)
     eval_commands(sub)
     server_commands(sub)
+    view_commands(sub)
     return parser
 
 

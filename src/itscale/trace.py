@@ -25,6 +25,7 @@ writes the same run in LLaMPPL's SMC record format, for their viewer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,25 +173,66 @@ def check_trace(data: Any, source: str) -> dict[str, Any]:
     return data
 
 
-def to_llamppl(trace: dict[str, Any]) -> dict[str, Any]:
-    """The trace in LLaMPPL's SMC record format (the JSON their `smc.html` viewer opens):
-    a history of steps, each the particles' contents and weights, with a resampling step's
-    ancestor indices."""
-    history = []
-    texts: dict[int, str] = {}
-    for column in trace["columns"]:
-        particles = []
-        for node in column["nodes"]:
-            prefix = texts.get(node["parent"], "") if node["parent"] is not None else ""
+def to_llamppl(trace: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trace in LLaMPPL's SMC record format: what its `SMCRecord.to_json` writes with
+    `smc_standard(..., json_file=...)` and its `html/smc.html` viewer opens (probcomp/hfppl,
+    genlm/llamppl). The record is a JSON list with one entry per step: `mode` "init" for the
+    first, "smc_step" when particle j continued particle j, "resample" when particles were
+    copied, with `ancestors[j]` the index of particle j's parent in the entry before; each
+    particle's `logweight` and `weight_incr` (its log-weight minus its ancestor's) are
+    strings, "-Infinity" for a zero weight. A particle's `contents` is its whole text with
+    the step just taken marked `<<<...>>>`; `keep` and `contents_incr` say the same as a diff
+    against the ancestor's contents (the first `keep` characters, then `contents_incr`), which
+    is what the newer viewer reads.
+
+    LLaMPPL records one population, so only the lane that answers is written: the last sweep
+    of the chain whose last column holds the final particles."""
+    columns = trace["columns"]
+    final_ids = set((trace.get("final") or {}).get("ids") or [])
+    answering = [c for c in columns if {n["id"] for n in c["nodes"]} == final_ids]
+    last = answering[-1] if answering else columns[-1] if columns else None
+    lane = [c for c in columns if last is not None and (c["chain"], c["sweep"]) == (last["chain"], last["sweep"])]
+
+    def number(x: float) -> str:  # as JavaScript spells it, for the viewer's parseFloat
+        if math.isnan(x):
+            return "NaN"
+        return str(float(x)) if math.isfinite(x) else "Infinity" if x > 0 else "-Infinity"
+
+    history: list[dict[str, Any]] = []
+    whole: dict[int, str] = {}  # node id -> its whole text (in the previous column)
+    ids: list[int] = []  # the previous entry's particles: ids, contents, log-weights
+    contents: list[str] = []
+    weights: list[float] = []
+    for k, column in enumerate(lane):
+        position = {node_id: i for i, node_id in enumerate(ids)}
+        ancestors = [position[n["parent"]] for n in column["nodes"]] if k else []
+        particles, texts = [], {}
+        for j, node in enumerate(column["nodes"]):
+            prefix = whole[node["parent"]] if k else ""
             texts[node["id"]] = prefix + node["text"]
-            particles.append({"contents": texts[node["id"]], "logweight": node["log_weight"]})
-        step: dict[str, Any] = {"mode": "smc_step", "step": column["step"], "particles": particles}
-        history.append(step)
-        if column["resampled"] and column["selection"]:
-            ids = [n["id"] for n in column["nodes"]]
-            ancestors = [ids.index(parent) for parent in column["selection"]["parents"]]
-            children = [{"contents": texts[parent], "logweight": 0.0} for parent in column["selection"]["parents"]]
-            for child, parent in zip(column["selection"]["children"], column["selection"]["parents"], strict=True):
-                texts[child] = texts[parent]
-            history.append({"mode": "resample", "step": column["step"], "ancestors": ancestors, "particles": children})
-    return {"step": len(trace["columns"]), "history": history}
+            shown = f"{prefix}<<<{node['text']}>>>"
+            before = contents[ancestors[j]] if k else ""
+            keep = next(
+                (i for i, (a, b) in enumerate(zip(before, shown, strict=False)) if a != b), min(len(before), len(shown))
+            )
+            log_weight = node["log_weight"] if node["log_weight"] is not None else float("-inf")
+            increment = log_weight - (weights[ancestors[j]] if k else 0.0)
+            particles.append(
+                {
+                    "contents": shown,
+                    "keep": keep,
+                    "contents_incr": shown[keep:],
+                    "logweight": number(log_weight),
+                    "weight_incr": number(increment),
+                }
+            )
+        mode = "init" if k == 0 else "smc_step" if ancestors == list(range(len(ids))) else "resample"
+        entry: dict[str, Any] = {"step": k + 1, "mode": mode, "particles": particles}
+        if mode == "resample":
+            entry["ancestors"] = ancestors
+        history.append(entry)
+        whole = texts
+        ids = [n["id"] for n in column["nodes"]]
+        contents = [p["contents"] for p in particles]
+        weights = [n["log_weight"] if n["log_weight"] is not None else float("-inf") for n in column["nodes"]]
+    return history
