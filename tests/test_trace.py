@@ -118,3 +118,12 @@ def test_a_file_that_is_not_a_trace_or_is_too_new_is_one_clear_error() -> None:
         check_trace({"answer": 3}, "run.json")
     with pytest.raises(UsageError, match="newer than this itscale reads"):
         check_trace({"format": "itscale-trace", "version": 99, "columns": []}, "run.json")
+
+
+async def test_sound_mode_records_the_ess_at_every_step_and_tempering_answers_in_its_cold_chain() -> None:
+    sound = await traced("particle-filter-sound", budget=8)
+    assert all(c["ess"] is not None and 1.0 <= c["ess"] <= 8.0 for c in sound["columns"])
+    tempered = await traced("parallel-tempering", budget=8)
+    final_ids = set(tempered["final"]["ids"])
+    assert any({n["id"] for n in c["nodes"]} == final_ids and c["chain"] == 1 for c in tempered["columns"])
+    assert {c["chain"] for c in tempered["columns"]} == {1, 2}  # no detached lane for the final population

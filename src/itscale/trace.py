@@ -100,14 +100,15 @@ class Trace:
         self._last_ids[(chain, sweep)] = {p.id for p in particles}
         return column
 
-    def selected(self, column: Column, event: Any | None) -> None:
+    def selected(self, column: Column, event: Any | None, ess: float | None = None) -> None:
         """After the policy selected: the log-weights it gave the column's particles, and
         its selection event (a `Resampling`), if any."""
         for node, p in zip(column.nodes, column.particles, strict=True):
             node["log_weight"] = p.log_weight
         column.particles = []
+        column.ess = ess
         if event is not None:
-            column.ess, column.resampled = event.ess, event.resampled
+            column.ess, column.resampled = event.ess if event.ess is not None else ess, event.resampled
             column.selection = {"parents": list(event.parents), "children": list(event.children)}
 
     def finish(self, particles: list[Any], weights: list[float], chosen: Any, answer: Any, votes: Any) -> None:

@@ -192,6 +192,7 @@ class ParallelTempering(Search):
                 run.lm.release(reference.branch)
         cold = chains[0]
         run.particles, run.genealogy = cold.particles, cold.genealogy
+        run.chain, run.step, run.sweep = cold.chain, cold.step, cold.sweep  # the answer is the cold chain's
         run.diagnostics.update(cold.diagnostics)
         run.diagnostics["swaps"] = swaps
         run.diagnostics["chain_answers"] = [r.answer for r in references]

@@ -127,9 +127,10 @@ class ParticleFilter(Search):
         if degenerate:
             run.diagnostics["degenerate_weights"] += 1
             run.diagnostics["degenerate_note"] = "all weights were -inf; resampled uniformly"
+        ess = effective_sample_size(weights)
+        run.ess = ess  # traced whether or not it resamples
         if not run.live():
             return  # nothing left to extend: resampling now could only lose particles
-        ess = effective_sample_size(weights)
         if self.mode == "sound" and ess >= self.ess_threshold * len(run.particles) and not degenerate:
             return
         self.resample(run, weights, ess)

@@ -100,6 +100,7 @@ class Run:
         # The trace, shared by the sub-runs (chains) of one search; None when not recorded.
         self.trace: Trace | None = shared.trace if shared is not None else None
         self.chain = key if shared is not None else 0
+        self.ess: float | None = None  # the effective sample size the policy saw at this step
 
     def spawn(self, algorithm: Search, key: int) -> Run:
         """A sub-run of `algorithm` sharing this run's backend, reward, usage and ids."""
@@ -427,9 +428,10 @@ async def lockstep(runs: Sequence[Run]) -> None:
         for r, ps in live:
             events = len(r.genealogy)
             column = r.trace.record(r.particles, r.step, r.sweep, r.chain, {p.id for p in ps}) if r.trace else None
+            r.ess = None
             await r.algorithm.select(r)
             if column is not None:
-                r.trace.selected(column, r.genealogy[-1] if len(r.genealogy) > events else None)
+                r.trace.selected(column, r.genealogy[-1] if len(r.genealogy) > events else None, r.ess)
             if r.algorithm.score_each_step and not r.algorithm.keeps_finished_branches:
                 # Finished particles are never extended again; an algorithm that scores at
                 # the end keeps their branches so the reward can reuse their KV cache.
