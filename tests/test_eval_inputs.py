@@ -192,6 +192,25 @@ def test_a_different_configuration_is_refused_naming_the_setting(tmp_path):
         out.check(identity(max_steps=3))
 
 
+def test_an_identity_is_compared_as_it_is_stored(tmp_path):
+    # Settings hold tuples (stop strings); config.json holds lists. A directory must match
+    # the settings it was made with, whatever the field's Python type (CI found
+    # "settings.stop: was [], now []" refusing a resumed train-reward).
+    out = OutputDir(tmp_path / "run")
+    stopping = SearchSettings(stop=("###",))
+    out.record({"settings": stopping.identity()}, {})
+    out.check({"settings": stopping.identity()})
+    out.check({"settings": {**stopping.identity(), "stop": ("###",)}})
+    with pytest.raises(UsageError, match=r'settings\.stop: was \["###"\], now null'):
+        out.check({"settings": SearchSettings().identity()})
+
+
+def test_settings_added_later_are_left_out_of_an_identity_at_their_defaults():
+    assert "stop" not in SearchSettings().identity()
+    assert "budget" not in SearchSettings().identity() and "seed" not in SearchSettings().identity()
+    assert SearchSettings(stop=("a", "b")).identity()["stop"] == ["a", "b"]
+
+
 def test_options_of_algorithms_added_later_do_not_conflict(tmp_path):
     out = OutputDir(tmp_path / "run")
     out.path.mkdir()

@@ -22,7 +22,6 @@ between runs over the same directory, and only the missing records are computed.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,11 +113,7 @@ class Plan:
         return make_algorithm(algorithm, **self.options.get(algorithm, {}))
 
     def identity(self) -> dict[str, Any]:
-        settings = dataclasses.asdict(self.settings)
-        del settings["budget"], settings["seed"]  # per record: the grid
-        for added_later in ("stop",):  # at their defaults, settings added since are not part of
-            if not settings[added_later]:  # an identity, so directories made before them still match
-                del settings[added_later]
+        settings = self.settings.identity()
         return {
             "dataset": {"source": self.dataset.source, "fingerprint": self.dataset.fingerprint},
             "model": self.backend.identity(),

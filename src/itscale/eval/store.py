@@ -137,7 +137,8 @@ class OutputDir:
                     f"{self.path} has {self.results.path.name} but no {CONFIG}: not an {self.kind} directory"
                 )
             return
-        differences = diff_identity(config.get("identity", {}), identity)
+        # Compared as JSON, as it is stored: a tuple now and the list it was saved as are equal.
+        differences = diff_identity(config.get("identity", {}), json.loads(json.dumps(identity)))
         if differences:
             first, *rest = differences
             more = f" (and {len(rest)} more: {', '.join(d.split(':')[0] for d in rest)})" if rest else ""

@@ -57,15 +57,13 @@ def rollout_dir(path: str | Path):
 
 def sampling_identity(lm: Any, dataset: Any, settings: Any, samples: int, mc_rollouts: int, seed: int) -> dict:
     """What a rollout record means; a directory refuses records made another way."""
-    step = asdict(settings)
-    del step["budget"], step["seed"]
     return {
         "generator": {"name": lm.name, "gguf_sha256": lm.sha256, "n_embd": lm.n_embd},
         "dataset": {"source": dataset.source, "fingerprint": dataset.fingerprint},
         "samples": samples,
         "mc_rollouts": mc_rollouts,
         "seed": seed,
-        "settings": step,
+        "settings": settings.identity(),
     }
 
 

@@ -80,6 +80,17 @@ class SearchSettings:
     def replace(self, **changes: Any) -> SearchSettings:
         return replace(self, **changes)
 
+    def identity(self) -> dict[str, Any]:
+        """What a stored record's meaning depends on, as JSON values: every field but the
+        per-record grid (budget, seed). Fields added since records were first stored are
+        left out at their defaults, so directories made before them still match."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("budget", "seed")}
+        if not self.stop:
+            del values["stop"]
+        else:
+            values["stop"] = list(self.stop)
+        return values
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
