@@ -70,6 +70,13 @@ def settings_from(args: argparse.Namespace) -> SearchSettings:
     return SearchSettings(**values)
 
 
+def backend_from(args: argparse.Namespace):
+    """The generator (and judge) that `add_backend_arguments` describes, to open."""
+    from itscale.eval.plan import Backend
+
+    return Backend(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Backend)})
+
+
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"named model or GGUF path (default {DEFAULT_MODEL})")
     parser.add_argument("--backend-url", help="an OpenAI-compatible server instead of the embedded engine")
@@ -173,7 +180,7 @@ def _models() -> int:
 
 
 async def _solve(args: argparse.Namespace) -> int:
-    from itscale.api import asolve, open_model
+    from itscale.api import asolve
     from itscale.rewards.registry import DEFAULT_REWARD
     from itscale.search import make_algorithm
 
@@ -183,15 +190,8 @@ async def _solve(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     make_algorithm(args.algorithm, **options)
     settings = settings_from(args)
-    lm = open_model(
-        args.model,
-        backend_url=args.backend_url,
-        backend_model=args.backend_model,
-        backend_mode=args.backend_mode,
-        chat_template=args.chat_template,
-        **({} if args.backend_url else {"n_ctx": args.n_ctx, "n_threads": args.n_threads}),
-    )
-    judge = open_model(args.judge_model) if args.judge_model else None
+    backend = backend_from(args)
+    lm, judge = backend.open(), backend.open_judge()
     try:
         with _Progress(settings.budget) as progress:
             result = await asolve(

@@ -17,7 +17,7 @@ from typing import Any
 
 from itscale.errors import Terminated, UsageError
 from itscale.eval.datasets import load_dataset
-from itscale.eval.plan import Backend, Plan, parse_algorithms, parse_budgets, parse_seeds, split_options
+from itscale.eval.plan import Plan, parse_algorithms, parse_budgets, parse_seeds, split_options
 
 EPILOG = """\
 examples:
@@ -89,7 +89,7 @@ def add_commands(subparsers: Any) -> None:
 
 def plan_from(args: argparse.Namespace) -> Plan:
     """The plan the arguments describe; raises UsageError for anything wrong in them."""
-    from itscale.cli import parse_options, settings_from
+    from itscale.cli import backend_from, parse_options, settings_from
     from itscale.eval.runner import reward_factors
     from itscale.rewards.registry import DEFAULT_REWARD, reward_names
 
@@ -111,17 +111,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         raise UsageError(f"unknown reward {unknown[0]!r} in --reward: use one of {', '.join(reward_names())}")
     settings = settings_from(args)
     dataset = load_dataset(args.dataset, args.data_dir)
-    backend = Backend(
-        model=args.model,
-        backend_url=args.backend_url,
-        backend_model=args.backend_model,
-        backend_mode=args.backend_mode,
-        chat_template=args.chat_template,
-        judge_model=args.judge_model,
-        n_ctx=args.n_ctx,
-        n_threads=args.n_threads,
-    )
-    return Plan(dataset, algorithms, budgets, seeds, settings, reward, backend, options, args.limit)
+    return Plan(dataset, algorithms, budgets, seeds, settings, reward, backend_from(args), options, args.limit)
 
 
 def command_line(args: argparse.Namespace, command: str = "eval") -> list[str]:

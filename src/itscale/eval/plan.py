@@ -45,10 +45,11 @@ class Backend:
     n_ctx: int = 16384
     n_threads: int | None = None
 
-    def open(self):
+    def open(self, **engine_options: Any):
+        """The generator; `engine_options` go to the embedded engine (ignored for a server)."""
         from itscale.api import open_model
 
-        engine = {} if self.backend_url else {"n_ctx": self.n_ctx, "n_threads": self.n_threads}
+        engine = {} if self.backend_url else {"n_ctx": self.n_ctx, "n_threads": self.n_threads, **engine_options}
         return open_model(
             self.model,
             backend_url=self.backend_url,

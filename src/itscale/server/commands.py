@@ -60,8 +60,7 @@ def add_commands(subparsers: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from itscale.api import open_model
-    from itscale.cli import parse_options, settings_from
+    from itscale.cli import backend_from, parse_options, settings_from
     from itscale.errors import UsageError
     from itscale.search import make_algorithm
     from itscale.server.app import Limits, Server, create_app
@@ -90,16 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    engine = {} if args.backend_url else {"n_ctx": args.n_ctx, "n_threads": args.n_threads, "n_seq_max": args.n_seq_max}
-    lm = open_model(
-        args.model,
-        backend_url=args.backend_url,
-        backend_model=args.backend_model,
-        backend_mode=args.backend_mode,
-        chat_template=args.chat_template,
-        **engine,
-    )
-    judge = open_model(args.judge_model, n_threads=args.n_threads) if args.judge_model else None
+    backend = backend_from(args)
+    lm = backend.open(**({} if args.backend_url else {"n_seq_max": args.n_seq_max}))
+    judge = backend.open_judge()
     if args.backend_url and not args.backend_model:
         asyncio.run(lm.start_up())  # the upstream's model name (and a clear error if it is unreachable)
     model_name = lm.name
