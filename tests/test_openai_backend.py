@@ -69,6 +69,31 @@ async def test_particle_filtering_with_the_default_reward_through_a_real_server(
     assert all(p.score is not None and 0 < p.score <= 1 for p in result.particles)
 
 
+@pytest.mark.parametrize("reward, asked", [("arithmetic", False), ("arithmetic * self-certainty", True)])
+async def test_token_logprobs_are_asked_for_only_when_the_reward_reads_them(
+    llama_server: str, reward: str, asked: bool
+) -> None:
+    """llama-cpp-python's server decodes about ten times slower when it must return token
+    log-probabilities (issue #27: 2.7 against 28 tokens/s), so a step is asked for them
+    only when the reward reads them; token counts stay exact either way (from usage)."""
+    from itscale.rewards.registry import make_reward
+
+    lm = OpenAIModel(llama_server, chat_template="smollm2-135m")
+    requests = count_generation_requests(lm)
+    try:
+        result = await make_algorithm("particle-filter").run(
+            lm, PROBLEM, budget=2, seed=0, max_steps=2, max_tokens=40, max_step_tokens=20,
+            reward=make_reward(reward, lm),
+        )  # fmt: skip
+    finally:
+        await lm.close()
+    assert requests and all(("logprobs" in r) is asked for r in requests)
+    assert not result.diagnostics.get("reward_failures"), result.diagnostics
+    steps = [s for p in result.particles for s in p.steps]
+    assert result.usage.completion_tokens == sum(s.tokens for s in steps) > 0
+    assert all((s.logprob is not None) is asked for s in steps if s.tokens)
+
+
 async def test_n_is_detected_as_unsupported_and_worked_around(llama_server: str) -> None:
     lm = OpenAIModel(llama_server, chat_template="chatml")
     try:

@@ -342,9 +342,9 @@ class SlowChecks(ArithmeticVerifier):
 async def test_the_timeout_fires_for_a_reward_that_blocks(smol):
     """The arithmetic verifier checks in a worker thread, so a check that takes too long is
     cut off by the reward timeout instead of stalling the event loop until it returns."""
-    started = time.perf_counter()
     result = await run_pf(smol, SlowChecks(), reward_timeout=0.2, reward_fallback=0.6, max_steps=1)
-    assert time.perf_counter() - started < 2.5  # the check alone takes 3 s
+    # Scoring time, not wall time: generation's share varies with the machine's load.
+    assert result.usage.reward_seconds < 2.5  # the check alone takes 3 s
     assert "TimeoutError" in result.diagnostics["reward_errors"][0]
     assert all(s.score == 0.6 for p in result.particles for s in p.steps)
 

@@ -34,7 +34,10 @@ class StepSettings:
     `delimiter` ends a step when generated (the step keeps it); an integer instead makes
     every step that many tokens. `max_step_tokens` caps one step (the particle goes on);
     `max_tokens` caps a particle's whole answer (the particle finishes with end "length").
-    `temperature` 0 is greedy decoding.
+    `temperature` 0 is greedy decoding. `logprobs`: whether the sampled tokens'
+    log-probabilities are wanted (a reward reads them); the embedded engine has them for
+    free, a server is asked for them only when they are wanted, because some servers
+    (llama-cpp-python's) decode ten times slower when they must return them.
     """
 
     delimiter: str | int = DEFAULT_DELIMITER
@@ -42,6 +45,7 @@ class StepSettings:
     max_tokens: int = 1024
     temperature: float = 0.8
     top_p: float = 1.0
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.delimiter, str) and not self.delimiter:

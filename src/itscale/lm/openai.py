@@ -60,9 +60,11 @@ class RemoteBranch(Branch):
 class OpenAIModel:
     """A language model behind an OpenAI-compatible HTTP server.
 
-    `logprobs` (default on) asks for the sampled tokens' log-probabilities: they give exact
-    token counts and feed the self-certainty reward, a factor of the default reward. A
-    server that ignores the field still works; that reward then says what is missing.
+    `logprobs` (default on) lets the backend ask for the sampled tokens' log-probabilities
+    where they are used: for a step when the reward reads them (`StepSettings.logprobs`;
+    the self-certainty reward, a factor of the default reward, does), and to cut a whole
+    rollout into steps exactly. A server that ignores the field still works; that reward
+    then says what is missing. `logprobs=False` never asks (rollouts then go step by step).
     """
 
     def __init__(
@@ -406,16 +408,20 @@ class OpenAIModel:
         }
         if delimited and isinstance(settings.delimiter, str):
             payload["stop"] = [settings.delimiter]
+        # Asked for only when used: by a reward (settings.logprobs), or to cut a whole
+        # rollout into steps. llama-cpp-python's server decodes about ten times slower
+        # when it must return them (docs/benchmarks.md).
+        logprobs = self.logprobs and (settings.logprobs or not delimited)
         if self.mode == "completions":
             payload["prompt"] = branch.prefix + branch.text
-            if self.logprobs:
+            if logprobs:
                 payload["logprobs"] = 1
             data = await self.request("POST", "/completions", payload)
         else:
             messages = [{"role": m.role, "content": m.content} for m in branch.prompt.messages]
             messages.append({"role": "assistant", "content": branch.text})
             payload.update(messages=messages, continue_final_message=True, add_generation_prompt=False)
-            if self.logprobs:
+            if logprobs:
                 payload["logprobs"] = True
             data = await self.request("POST", "/chat/completions", payload)
         choices = data.get("choices")

@@ -71,8 +71,16 @@ class Scores:
 class Reward(Protocol):
     name: str
     kind: RewardKind
+    # Whether the reward reads the generator's token log-probabilities (Step.logprob): a
+    # server is asked for them only then. Optional: a reward without it does not.
+    # uses_logprobs: bool
 
     async def score(self, requests: Sequence[ScoreRequest]) -> Scores: ...
+
+
+def uses_logprobs(reward: Any) -> bool:
+    """Whether `reward` (or a factor of it) reads the generator's token log-probabilities."""
+    return bool(getattr(reward, "uses_logprobs", False))
 
 
 async def close_reward(reward: Any) -> None:
@@ -92,6 +100,7 @@ class CachedReward:
 
     name: str = "reward"
     kind: RewardKind = "process"
+    uses_logprobs: bool = False
     cache_size: int = 100_000
 
     def __init__(self) -> None:
@@ -167,6 +176,7 @@ class ProductReward(CachedReward):
         self.factors = list(factors)
         self.name = "*".join(f"{r.name}^{a:g}" if a != 1 else r.name for r, a in self.factors)
         self.kind = "outcome" if all(r.kind == "outcome" for r, _ in self.factors) else "process"
+        self.uses_logprobs = any(uses_logprobs(r) for r, _ in self.factors)
 
     async def close(self) -> None:
         for reward, _ in self.factors:

@@ -41,6 +41,7 @@ class SelfCertainty(CachedReward):
     """Process reward from the generator's confidence in its own tokens (0 tokens)."""
 
     kind = "process"
+    uses_logprobs = True
 
     def __init__(self, variant: str = "mean-logprob", scale: float = DEFAULT_KL_SCALE):
         super().__init__()

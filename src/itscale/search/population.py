@@ -37,7 +37,7 @@ from itscale.lm.base import (
     StepSettings,
     extend_step_by_step,
 )
-from itscale.rewards.base import Reward, RewardGuard, ScoreRequest, aggregate
+from itscale.rewards.base import Reward, RewardGuard, ScoreRequest, aggregate, uses_logprobs
 from itscale.search.settings import SearchSettings, derive_seed
 from itscale.trace import Trace, rollout_trace
 from itscale.types import Particle, Prompt, Resampling, Result, Step, Stopwatch, Usage
@@ -86,7 +86,8 @@ class Run:
             self._ids = itertools.count()
         else:
             self.guard, self.usage, self._ids = shared.guard, shared.usage, shared._ids
-        self.step_settings = algorithm.step_settings(settings)
+        # Token log-probabilities are asked of a server only for a reward that reads them.
+        self.step_settings = replace(algorithm.step_settings(settings), logprobs=uses_logprobs(reward))
         self.particles: list[Particle] = []
         self.genealogy: list[Resampling] = []
         self.diagnostics: dict[str, Any] = {}
