@@ -6,10 +6,12 @@ need the Qwen model are few and marked `slow`.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,27 @@ REPO = Path(__file__).resolve().parents[1]
 # ITSCALE_TEST_THREADS=1 keeps the tests from slowing each other down.
 THREADS = int(os.environ.get("ITSCALE_TEST_THREADS", "2"))
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@functools.cache
+def any_generator_policy() -> str:
+    """A compute-optimal budget policy that names no GGUF sha256, so any model takes it:
+    first batch 2, budgets 2 and 4, more samples help at every level (it allots 4 to all)."""
+    from itscale.search.allocation import BudgetPolicy
+
+    path = Path(tempfile.mkdtemp(prefix="itscale-policy-")) / "policy.json"
+    accuracy = [[0.1, 0.5], [0.2, 0.6], [0.3, 0.7]]
+    BudgetPolicy({"name": "any"}, 2, [2, 4], [1 / 3] * 3, accuracy).save(path)
+    return str(path)
+
+
+def make_test_algorithm(name: str, **options):
+    """`make_algorithm`, with a budget policy for compute-optimal (no model ships one for tests)."""
+    from itscale.search import make_algorithm
+
+    if name == "compute-optimal":
+        options.setdefault("policy", any_generator_policy())
+    return make_algorithm(name, **options)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def itscale(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     [
         (["solve", ""], "the problem is empty"),
         (["solve", "x", "--budget", "0"], "budget must be a positive integer"),
-        (["solve", "x", "--budget", "abc"], "invalid int value"),
+        (["solve", "x", "--budget", "abc"], "takes a number of particles (8) or auto:B"),
         (["solve", "x", "--algorithm", "foo"], "unknown algorithm 'foo'"),
         (["solve", "x", "--model", "nope"], "unknown model 'nope'"),
         (["solve", "x", "--option", "mode"], "--option takes name=value"),

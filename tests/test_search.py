@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from conftest import make_test_algorithm
 from itscale.answers import is_equivalent
 from itscale.errors import UsageError
 from itscale.rewards.judge import LLMJudge
@@ -142,7 +143,7 @@ async def test_every_algorithm_on_the_engine_releases_its_kv_cache(smol, name: s
     options = {"sweeps": 2} if name in ("particle-gibbs", "parallel-tempering") else {}
     if name in ("beam-search", "dvts"):
         options = {"beam_width": 2, "lookahead": 1} if name == "beam-search" else {"beam_width": 2}
-    algorithm = make_algorithm(name, **options)
+    algorithm = make_test_algorithm(name, **options)
     reward = LLMJudge(smol) if algorithm.uses_reward else None
     result = await algorithm.run(smol, PROBLEM, SMALL.replace(budget=8, max_tokens=48, max_steps=2), reward=reward)
     assert result.particles and result.usage.completion_tokens > 0

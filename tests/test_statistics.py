@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import make_test_algorithm
 from itscale.rewards.base import CachedReward, ScoreRequest, Scores
 from itscale.search import algorithm_names, make_algorithm
 from itscale.search.gibbs import ParallelTempering
@@ -262,7 +263,7 @@ async def test_every_algorithm_respects_the_contract(lm, name: str) -> None:
     """max_steps=k means at most k steps; finished particles are never extended; every
     generated and every reward token is counted (beam search included)."""
     reward = PotentialReward(G)
-    result = await make_algorithm(name).run(lm, "toy", settings(budget=8, seed=11, max_steps=2), reward=reward)
+    result = await make_test_algorithm(name).run(lm, "toy", settings(budget=8, seed=11, max_steps=2), reward=reward)
     assert result.particles
     assert all(len(p.steps) <= 2 for p in result.particles)
     assert any(len(p.steps) == 2 for p in result.particles)  # the cap is reachable, not off by one
@@ -271,7 +272,7 @@ async def test_every_algorithm_respects_the_contract(lm, name: str) -> None:
         assert all(s.end in ("delimiter", "step_cap") for s in p.steps[:-1])
         assert not p.finished or p.end in FINISHING
     assert result.usage.completion_tokens == lm.generated > 0
-    uses_reward = make_algorithm(name).uses_reward
+    uses_reward = make_test_algorithm(name).uses_reward
     assert (result.usage.reward_tokens > 0) == uses_reward
     assert math.isclose(sum(result.weights), 1.0, abs_tol=1e-9)
 

@@ -7,15 +7,16 @@ import math
 
 import pytest
 
+from conftest import make_test_algorithm
 from itscale.errors import UsageError
-from itscale.search import algorithm_names, make_algorithm
+from itscale.search import algorithm_names
 from itscale.search.settings import SearchSettings
 from itscale.trace import check_trace, to_llamppl
 from toy import STOP, TRANS, G, MarkovLM, PotentialReward
 
 
 async def traced(name: str, budget: int = 8, seed: int = 3) -> dict:
-    result = await make_algorithm(name).run(
+    result = await make_test_algorithm(name).run(
         MarkovLM(TRANS, STOP),
         "toy",
         SearchSettings(budget=budget, seed=seed, max_steps=4, system_prompt=None),

@@ -45,10 +45,39 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("", "none") else int(text)
 
 
+AUTO_BUDGET = "auto:"
+
+
+def _budget(text: str) -> int | str:
+    """A number of particles ("8"), or "auto:B": a mean budget of B per problem, spent by
+    difficulty (the compute-optimal algorithm; `itscale solve` and `itscale demo`)."""
+    mean = text[len(AUTO_BUDGET) :] if text.startswith(AUTO_BUDGET) else text
+    if not mean.isdigit():  # zero is refused with the other settings
+        raise argparse.ArgumentTypeError(
+            f"takes a number of particles (8) or auto:B, a mean budget per problem (auto:4); got {text!r}"
+        )
+    return text if text.startswith(AUTO_BUDGET) else int(text)
+
+
+def resolve_auto_budget(args: argparse.Namespace, default_algorithm: str) -> None:
+    """`--budget auto:B` is the compute-optimal algorithm at mean budget B; any other
+    algorithm named beside it is a contradiction."""
+    if isinstance(args.budget, str):
+        if args.algorithm not in (None, "compute-optimal"):
+            raise UsageError(
+                f"--budget {args.budget} chooses the budget per problem with the compute-optimal algorithm, "
+                f"not {args.algorithm}: drop --algorithm, or give a number of particles"
+            )
+        args.algorithm, args.budget = "compute-optimal", int(args.budget[len(AUTO_BUDGET) :])
+    elif args.algorithm is None:
+        args.algorithm = default_algorithm
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per SearchSettings field, same name, same default."""
     converters: dict[str, Callable[[str], Any]] = {
         "delimiter": _delimiter,
+        "budget": _budget,
         "token_budget": _optional_int,
         "stop": lambda text: (codecs.decode(text, "unicode_escape"),),
     }
@@ -66,6 +95,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> SearchSettings:
+    if isinstance(getattr(args, "budget", None), str):
+        raise UsageError(
+            f"--budget {args.budget} is for `itscale solve`; here name the algorithm compute-optimal and give "
+            "its mean budget as the budget (itscale eval: --algorithms compute-optimal --budgets B)"
+        )
     values = {f: getattr(args, f) for f in SearchSettings.field_names() if getattr(args, f, None) is not None}
     return SearchSettings(**values)
 
@@ -115,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     solve = sub.add_parser("solve", help="solve one problem")
     solve.add_argument("problem", help="the problem text")
-    solve.add_argument("--algorithm", default="particle-filter", help=", ".join(algorithm_names()))
+    solve.add_argument(
+        "--algorithm",
+        help=f"{', '.join(algorithm_names())} (default particle-filter; with --budget auto:B, compute-optimal)",
+    )
     solve.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="algorithm option")
     solve.add_argument("--reference", help="the known answer: report whether the chosen one matches")
     solve.add_argument("--json", action="store_true", help="print the whole result as JSON")
@@ -127,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     solve.set_defaults(handler=lambda args: asyncio.run(_solve(args)))
 
     demo = sub.add_parser("demo", help="particle filtering on a sample word problem with a known answer")
-    demo.add_argument("--algorithm", default="particle-filter")
+    demo.add_argument("--algorithm")
     demo.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
     demo.add_argument("--json", action="store_true")
     add_backend_arguments(demo)
@@ -187,6 +224,7 @@ async def _solve(args: argparse.Namespace) -> int:
     if not args.problem.strip():
         raise UsageError("the problem is empty: give the text of a problem to solve")
     # Everything a user can get wrong is checked before a model is loaded.
+    resolve_auto_budget(args, "particle-filter")
     options = parse_options(args.option)
     make_algorithm(args.algorithm, **options)
     settings = settings_from(args)

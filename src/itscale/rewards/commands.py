@@ -18,6 +18,7 @@ def add_commands(subparsers: Any) -> None:
     parser = subparsers.add_parser("rewards", help="list the rewards and how to combine them")
     parser.set_defaults(handler=_list_rewards)
     add_train_command(subparsers)
+    add_policy_command(subparsers)
 
 
 def _list_rewards(args: argparse.Namespace) -> int:
@@ -290,3 +291,69 @@ class _SamplingProgress:
     @property
     def done_here(self) -> int:
         return self.rollouts // max(1, self.samples)
+
+
+POLICY_EPILOG = """\
+examples:
+  itscale fit-budget-policy --rollouts runs/probe --out runs/budget-policy.json
+  itscale solve "..." --budget auto:3 --option policy=runs/budget-policy.json
+
+The rollouts are those `itscale train-reward` sampled (K graded samples per training
+problem); the policy knows the budgets from --first-batch to K.
+"""
+
+
+def add_policy_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "fit-budget-policy",
+        help="fit a compute-optimal budget policy (budget by difficulty) on sampled training rollouts",
+        epilog=POLICY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rollouts", required=True, help="a directory of rollouts from `itscale train-reward`")
+    parser.add_argument("--out", required=True, help="the policy file to write (JSON)")
+    parser.add_argument("--first-batch", type=int, default=2, help="samples that estimate difficulty (default 2)")
+    parser.add_argument("--orders", type=int, default=24, help="random orders of each problem's samples (default 24)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--allow-test-split", action="store_true", help="fit on rollouts of a *_test file (refused by default)"
+    )
+    parser.set_defaults(handler=_fit_policy, parser=parser)
+
+
+def _fit_policy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from itscale.errors import UsageError
+    from itscale.eval.commands import command_line
+    from itscale.rewards.training import rollout_dir
+    from itscale.search.allocation import fit_policy
+
+    if args.orders < 1:
+        raise UsageError(f"--orders must be at least 1, got {args.orders}")
+    directory = rollout_dir(args.rollouts)
+    config = directory.read_config()
+    if config is None:
+        raise UsageError(f"no rollouts in {args.rollouts}: sample them with `itscale train-reward --sample-only`")
+    identity = config["identity"]
+    source = identity["dataset"]["source"]
+    if Path(source).stem.endswith("_test") and not args.allow_test_split:
+        raise UsageError(f"the rollouts in {args.rollouts} come from a test split ({source}): fit on training data")
+    records = list(directory.results.load().values())
+    policy = fit_policy(records, identity["generator"], args.first_batch, args.orders, args.seed)
+    command = command_line(args, "fit-budget-policy")
+    policy.card.update({"data": {"rollouts": str(args.rollouts), "dataset": source}, "command": command})
+    policy.save(args.out)
+    print(
+        f"budget policy from {len(records)} problems x {policy.card['samples_per_problem']} samples, "
+        f"first batch {policy.first_batch}, budgets {policy.budgets}; written to {args.out}"
+    )
+    for level, (share, row) in enumerate(zip(policy.frequency, policy.accuracy, strict=True)):
+        accuracies = ", ".join(f"{b}: {a:.0%}" for b, a in zip(policy.budgets, row, strict=True))
+        agree = f"{level}/{policy.first_batch} agree"
+        print(f"  level {level} ({agree}, {share:.0%} of problems): vote accuracy {accuracies}")
+    for mean in sorted({policy.first_batch, *policy.budgets[1:]}):
+        allocation = policy.allocate(mean)
+        accuracy, spent = policy.expected(allocation)
+        print(f"  auto:{mean}: budgets by level {allocation}, mean {spent:.2f}, expected accuracy {accuracy:.0%}")
+    return 0

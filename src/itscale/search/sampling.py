@@ -5,7 +5,9 @@
 - best-of-N: the rollout with the highest (aggregated) reward;
 - weighted best-of-N: the answer with the largest summed reward over its rollouts;
 - Best-of-Majority: the best-rewarded rollout among those with a frequent answer;
-- adaptive self-consistency: majority vote, sampling in growing batches until confident.
+- adaptive self-consistency: majority vote, sampling in growing batches until confident;
+- compute-optimal: majority vote, a first batch, then the budget its difficulty deserves
+  (a mean budget per problem; itscale.search.allocation).
 
 Their choice depends only on the final particles (`pick`), so an evaluation can generate
 the largest budget once and evaluate every smaller budget on a prefix of the rollouts.
@@ -20,6 +22,7 @@ from typing import Any
 from itscale.answers import is_equivalent
 from itscale.errors import UsageError
 from itscale.lm.base import StepSettings
+from itscale.search.allocation import BudgetPolicy, difficulty_level, shipped_policy
 from itscale.search.base import Pick, Search, vote
 from itscale.search.population import Run
 from itscale.search.settings import SearchSettings
@@ -159,6 +162,63 @@ class AdaptiveSelfConsistency(Search):
         run.diagnostics.update(
             {"samples_used": len(samples), "samples_saved": budget - len(samples), "confidence": confidence}
         )
+        return self.choose(run)
+
+    async def finalise(self, run: Run) -> None:
+        pass
+
+    def pick(self, particles: Sequence[Particle]) -> Pick:
+        return vote(particles)
+
+
+class ComputeOptimal(Search):
+    """Compute-optimal allocation across problems (Snell et al., 2024): the run's budget is
+    a *mean* per problem. A first batch of samples estimates the problem's difficulty (the
+    agreement of its answers), a `BudgetPolicy` fitted on training problems gives the budget
+    that difficulty deserves, the rest is drawn (the first batch is kept) and the answer is
+    the majority vote. Easy problems stop after the first batch; hard ones get more;
+    hopeless ones, where more samples did not help on the training problems, do not.
+
+    `policy`: a policy file (`itscale fit-budget-policy`); by default the one shipped for
+    the generator. The result reports the level, the budget chosen and the allocation."""
+
+    name = "compute-optimal"
+    independent_rollouts = True
+    uses_reward = False
+    score_each_step = False
+
+    def __init__(self, policy: str | None = None):
+        super().__init__()
+        self.policy_path = policy
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "policy": self.policy_path}
+
+    def load_policy(self, lm: Any) -> BudgetPolicy:
+        path = self.policy_path or shipped_policy(getattr(lm, "name", ""))
+        if path is None:
+            raise UsageError(
+                f"no budget policy is shipped for {getattr(lm, 'name', 'this model')}: fit one with "
+                "`itscale fit-budget-policy --rollouts DIR --out FILE` and pass --option policy=FILE"
+            )
+        policy = BudgetPolicy.load(path)
+        policy.check_generator(lm)
+        return policy
+
+    async def search(self, run: Run) -> Result:
+        policy = self.load_policy(run.lm)
+        allocation = policy.allocate(run.settings.budget)
+        run.particles = await run.start(policy.first_batch)
+        await run.loop()
+        samples = list(run.particles)
+        level = difficulty_level([p.answer for p in samples], policy.first_batch)
+        target = allocation[level]
+        if target > len(samples) and not run.budget_spent():
+            run.particles = await run.start(target - len(samples))
+            await run.loop()
+            samples += run.particles
+        run.particles = samples
+        run.diagnostics.update({"difficulty_level": level, "samples_used": len(samples), "allocation": allocation})
         return self.choose(run)
 
     async def finalise(self, run: Run) -> None:

@@ -1,0 +1,254 @@
+"""Compute-optimal allocation: a budget per problem from its estimated difficulty.
+
+Snell et al. (2024) spend test-time compute by difficulty: easy problems need one or two
+samples, hard ones more, and hopeless ones gain nothing from more. Here the difficulty of a
+problem is read off a small first batch of samples at no extra cost, since the batch is
+kept: the vote share of its leading answer (0 when no sample has an answer). With a first
+batch of b0 samples that share takes at most b0 + 1 values, the *levels*.
+
+A `BudgetPolicy` holds, for each level, how often problems fall in it and the accuracy of
+the majority vote over b samples for every budget b it knows, measured on training problems
+(`fit_policy`, from the rollouts `itscale train-reward` samples: K graded samples per
+problem, so the budgets it knows run from b0 to K). For a mean budget B per problem,
+`allocate` chooses a budget per level that maximises the expected accuracy under that mean;
+a level whose accuracy no longer grows (easy, or hopeless) keeps its first batch.
+The `compute-optimal` algorithm (itscale.search.sampling) runs it: first batch, level, the
+rest of the level's budget, vote.
+
+A policy is a JSON file written by `itscale fit-budget-policy`, with the data and the
+command that made it; it belongs to one generator (its GGUF sha256).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itscale.answers import is_equivalent
+from itscale.errors import UsageError
+
+FORMAT = 1
+# Policies shipped inside the package, one file per named model.
+SHIPPED = Path(__file__).resolve().parent / "policies"
+
+
+def difficulty_level(answers: Sequence[str | None], first_batch: int) -> int:
+    """The level of a first batch: how many of its `first_batch` samples give the leading
+    answer (0 when none has an answer); more agreement means an easier problem."""
+    classes = answer_classes(answers)
+    counts = [classes.count(c) for c in set(classes) if c is not None]
+    return min(first_batch, max(counts, default=0))
+
+
+def answer_classes(answers: Sequence[str | None]) -> list[int | None]:
+    """For each answer, the index of the first equivalent answer before it (None: no answer)."""
+    firsts: list[tuple[int, str]] = []
+    out: list[int | None] = []
+    for answer in answers:
+        if answer is None:
+            out.append(None)
+            continue
+        match = next((i for i, a in firsts if a == answer or is_equivalent(answer, a)), None)
+        if match is None:
+            match = len(firsts)
+            firsts.append((match, answer))
+        out.append(match)
+    return out
+
+
+def vote_is_right(classes: Sequence[int | None], right: Sequence[bool]) -> bool:
+    """Whether the majority vote over these samples is right, with `answers.majority`'s
+    rule: the most frequent class, a tie to the class seen first, no answer no vote."""
+    counts: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for i, c in enumerate(classes):
+        if c is not None:
+            counts[c] = counts.get(c, 0) + 1
+            first.setdefault(c, i)
+    if not counts:
+        return False
+    best = max(counts.values())
+    winner = min((c for c, n in counts.items() if n == best), key=first.__getitem__)
+    return bool(right[first[winner]])
+
+
+@dataclass
+class BudgetPolicy:
+    """Per level (0..first_batch): the share of training problems in it (`frequency`) and
+    the vote's accuracy at each known budget (`accuracy[level][i]` at `budgets[i]`)."""
+
+    generator: dict[str, Any]
+    first_batch: int
+    budgets: list[int]
+    frequency: list[float]
+    accuracy: list[list[float]]
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        levels = self.first_batch + 1
+        if (
+            self.first_batch < 1
+            or not self.budgets
+            or self.budgets[0] != self.first_batch
+            or sorted(set(self.budgets)) != self.budgets
+            or len(self.frequency) != levels
+            or len(self.accuracy) != levels
+            or any(len(row) != len(self.budgets) for row in self.accuracy)
+        ):
+            raise UsageError("the budget policy is inconsistent (levels, budgets, accuracies): fit it again")
+
+    def allocate(self, mean_budget: float) -> list[int]:
+        """The budget of each level that maximises expected accuracy with a mean budget per
+        problem of at most `mean_budget` (exhaustive over the known budgets: a handful of
+        levels and budgets). Below the first batch no allocation exists: a UsageError."""
+        if mean_budget < self.first_batch:
+            raise UsageError(
+                f"budget auto:{mean_budget:g} is below this policy's first batch of {self.first_batch} samples: "
+                f"use a mean budget of at least {self.first_batch}"
+            )
+        levels = range(self.first_batch + 1)
+        best: tuple[float, float, tuple[int, ...]] | None = None
+        for choice in itertools.product(range(len(self.budgets)), repeat=len(levels)):
+            cost = sum(self.frequency[lv] * self.budgets[i] for lv, i in zip(levels, choice, strict=True))
+            if cost > mean_budget + 1e-9:
+                continue
+            gain = sum(self.frequency[lv] * self.accuracy[lv][i] for lv, i in zip(levels, choice, strict=True))
+            # The most accurate; among equals, the cheapest.
+            key = (round(gain, 12), -cost, choice)
+            if best is None or key[:2] > best[:2]:
+                best = key
+        assert best is not None  # the first batch everywhere always fits
+        return [self.budgets[i] for i in best[2]]
+
+    def expected(self, allocation: Sequence[int]) -> tuple[float, float]:
+        """(expected accuracy, mean budget) of an allocation on the training problems."""
+        index = {b: i for i, b in enumerate(self.budgets)}
+        pairs = list(enumerate(zip(self.frequency, allocation, strict=True)))
+        accuracy = sum(f * self.accuracy[lv][index[b]] for lv, (f, b) in pairs)
+        return accuracy, sum(f * b for f, b in zip(self.frequency, allocation, strict=True))
+
+    def check_generator(self, lm: Any) -> None:
+        """A policy fitted for another generator is refused: its accuracies are not this one's."""
+        sha = getattr(lm, "sha256", None)
+        name = getattr(lm, "name", None)
+        if sha and self.generator.get("gguf_sha256") and sha != self.generator["gguf_sha256"]:
+            raise UsageError(
+                f"this budget policy was fitted for {self.generator.get('name')} "
+                f"(sha256 {self.generator['gguf_sha256'][:12]}…), not for {name}: "
+                "fit one for this model with `itscale fit-budget-policy`"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "generator": self.generator,
+            "difficulty": "agreement of the first batch: samples giving its leading answer (level 0: none answered)",
+            "selection": "majority vote",
+            "first_batch": self.first_batch,
+            "budgets": self.budgets,
+            "frequency": self.frequency,
+            "accuracy": self.accuracy,
+            **self.card,
+        }
+
+    def save(self, path: str | Path) -> None:
+        from itscale.files import write_json_atomic
+
+        write_json_atomic(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> BudgetPolicy:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "budget-policy.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(
+                f"no budget policy at {path}: fit one with `itscale fit-budget-policy --rollouts DIR --out {path}`"
+            ) from None
+        except (OSError, ValueError) as error:
+            raise UsageError(f"the budget policy {path} is unreadable ({error}): fit it again") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UsageError(f"{path} is not a budget policy of format {FORMAT}: fit it again")
+        known = {"generator", "first_batch", "budgets", "frequency", "accuracy"}
+        try:
+            return cls(
+                **{k: data[k] for k in known},
+                card={k: v for k, v in data.items() if k not in known | {"format", "difficulty", "selection"}},
+            )
+        except (KeyError, TypeError) as error:
+            raise UsageError(f"the budget policy {path} is incomplete ({error}): fit it again") from None
+
+
+def shipped_policy(model_name: str) -> Path | None:
+    """The policy shipped for a named model, if there is one."""
+    path = SHIPPED / f"{model_name}.json"
+    return path if path.exists() else None
+
+
+def fit_policy(
+    records: Sequence[dict[str, Any]],
+    generator: dict[str, Any],
+    first_batch: int = 2,
+    orders: int = 24,
+    seed: int = 0,
+) -> BudgetPolicy:
+    """A policy from graded samples: `records` as `itscale train-reward` writes them (per
+    problem, "samples" with "answer" and "correct"). Every problem's K samples are taken in
+    `orders` random orders; each order's first `first_batch` samples set the level, and the
+    vote over its first b samples is scored for every known budget b (b0, the powers of two
+    between, and K). Levels seen in no order keep the mean accuracy of all problems."""
+    sizes = {len(r["samples"]) for r in records}
+    if not records:
+        raise UsageError("no sampled problems to fit a budget policy on: sample with `itscale train-reward` first")
+    k = min(sizes)
+    if first_batch < 1 or first_batch >= k:
+        raise UsageError(f"--first-batch must be between 1 and {k - 1} (the problems have {k} samples each)")
+    budgets = sorted({first_batch, k, *(2**i for i in range(10) if first_batch < 2**i < k)})
+    levels = first_batch + 1
+    counts = [0] * levels
+    right = [[0] * len(budgets) for _ in range(levels)]
+    overall = [0] * len(budgets)
+    rng = random.Random(seed)
+    for record in records:
+        samples = record["samples"][:k]
+        classes = answer_classes([s["answer"] for s in samples])
+        correct = [bool(s["correct"]) for s in samples]
+        for _ in range(orders):
+            order = list(range(k))
+            rng.shuffle(order)
+            c = [classes[i] for i in order]
+            r = [correct[i] for i in order]
+            heads = [x for x in c[:first_batch] if x is not None]
+            level = max((heads.count(x) for x in set(heads)), default=0)
+            counts[level] += 1
+            for j, b in enumerate(budgets):
+                hit = vote_is_right(c[:b], r[:b])
+                right[level][j] += hit
+                overall[j] += hit
+    total = sum(counts)
+    accuracy = [
+        [right[lv][j] / counts[lv] if counts[lv] else overall[j] / total for j in range(len(budgets))]
+        for lv in range(levels)
+    ]
+    return BudgetPolicy(
+        generator=generator,
+        first_batch=first_batch,
+        budgets=budgets,
+        frequency=[c / total for c in counts],
+        accuracy=accuracy,
+        card={
+            "problems": len(records),
+            "samples_per_problem": k,
+            "orders": orders,
+            "seed": seed,
+            "date": datetime.date.today().isoformat(),
+        },
+    )

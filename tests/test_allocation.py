@@ -1,0 +1,186 @@
+"""Compute-optimal allocation: the policy fitted from graded samples, the allocation it
+makes for a mean budget, the `compute-optimal` algorithm on a real model, and the CLI
+(`itscale fit-budget-policy`, `itscale solve --budget auto:B`)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import THREADS
+from itscale.answers import is_equivalent, majority
+from itscale.errors import UsageError
+from itscale.rewards.training import rollout_dir
+from itscale.search import make_algorithm
+from itscale.search.allocation import BudgetPolicy, answer_classes, difficulty_level, fit_policy, vote_is_right
+
+GENERATOR = {"name": "toy", "gguf_sha256": "ab" * 32, "n_embd": 4}
+
+
+def graded(answers: list[str | None], reference: str) -> dict:
+    return {
+        "samples": [{"answer": a, "correct": a is not None and is_equivalent(a, reference)} for a in answers],
+        "reference": reference,
+    }
+
+
+def test_the_fitted_vote_is_the_vote_the_algorithm_takes() -> None:
+    """`vote_is_right` on answer classes must agree with `answers.majority` (ties to the first
+    seen, equivalent spellings pooled, no answer no vote), or the policy's accuracies would
+    describe another selection than the one run."""
+    rng = random.Random(0)
+    pool = ["18", "18.0", "20", "\\frac{1}{2}", "0.5", None, "7"]
+    for _ in range(400):
+        answers = [rng.choice(pool) for _ in range(rng.randint(1, 7))]
+        reference = rng.choice(["18", "0.5", "7"])
+        winner, _ = majority(answers)
+        expected = winner is not None and is_equivalent(winner, reference)
+        right = [a is not None and is_equivalent(a, reference) for a in answers]
+        assert vote_is_right(answer_classes(answers), right) is expected, (answers, reference)
+
+
+def test_the_difficulty_level_counts_the_leading_answer_of_the_first_batch() -> None:
+    assert difficulty_level(["3", "3.0"], 2) == 2
+    assert difficulty_level(["3", "4"], 2) == 1
+    assert difficulty_level([None, "4"], 2) == 1
+    assert difficulty_level([None, None], 2) == 0
+
+
+def three_kinds_of_problem() -> list[dict]:
+    """Easy (every sample right), hopeless (no sample has an answer) and contested (one right
+    answer among two wrong ones, right on 3 of 6 samples: more votes help)."""
+    easy = [graded(["5"] * 6, "5") for _ in range(4)]
+    hopeless = [graded([None] * 6, "5") for _ in range(4)]
+    contested = [graded(["5", "6", "5", "7", "5", "8"], "5") for _ in range(4)]
+    return easy + hopeless + contested
+
+
+def test_a_policy_spends_on_problems_where_more_samples_help() -> None:
+    policy = fit_policy(three_kinds_of_problem(), GENERATOR, first_batch=2, orders=200, seed=1)
+    assert policy.budgets == [2, 4, 6]
+    # Level 0 (no answer in the first batch) is exactly the hopeless third; level 2 (both
+    # agree) holds the easy problems and the contested orders that began with two 5s.
+    assert policy.frequency[0] == pytest.approx(1 / 3)
+    assert policy.accuracy[0] == [0.0, 0.0, 0.0]
+    assert policy.accuracy[2][0] == 1.0
+    # Contested problems whose first two samples disagree: the vote gets better with samples.
+    assert policy.accuracy[1][0] < policy.accuracy[1][2]
+    # A mean budget of 3: the extra samples go to the contested level, none to the hopeless
+    # or the easy; at the first batch's size nothing is extra.
+    allocation = policy.allocate(3)
+    assert allocation[0] == 2 and allocation[2] == 2 and allocation[1] > 2
+    accuracy, spent = policy.expected(allocation)
+    assert spent <= 3 and accuracy > policy.expected([2, 2, 2])[0]
+    assert policy.allocate(2) == [2, 2, 2]
+    # With plenty to spend, still nothing for what cannot gain: the cheapest of equals.
+    assert policy.allocate(6) == [2, 6, 2]
+    with pytest.raises(UsageError, match="below this policy's first batch of 2"):
+        policy.allocate(1)
+
+
+def test_a_policy_file_round_trips_and_bad_files_are_refused(tmp_path) -> None:
+    policy = fit_policy(three_kinds_of_problem(), GENERATOR, first_batch=2, orders=10)
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    again = BudgetPolicy.load(path)
+    assert again.allocate(4) == policy.allocate(4) and again.card["problems"] == 12
+    with pytest.raises(UsageError, match="no budget policy at"):
+        BudgetPolicy.load(tmp_path / "missing.json")
+    (tmp_path / "corrupt.json").write_text('{"format": 1, "first_ba')
+    with pytest.raises(UsageError, match="unreadable"):
+        BudgetPolicy.load(tmp_path / "corrupt.json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(UsageError, match="not a budget policy"):
+        BudgetPolicy.load(tmp_path / "other.json")
+    broken = json.loads(path.read_text())
+    broken["accuracy"] = broken["accuracy"][:1]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(UsageError, match="inconsistent"):
+        BudgetPolicy.load(tmp_path / "broken.json")
+    with pytest.raises(UsageError, match="between 1 and 5"):
+        fit_policy(three_kinds_of_problem(), GENERATOR, first_batch=6)
+
+
+def policy_for(tmp_path: Path, lm, accuracy: list[list[float]]) -> Path:
+    """A policy for `lm` with first batch 2 and budgets 2 and 4, levels equally frequent."""
+    policy = BudgetPolicy(
+        generator={"name": lm.name, "gguf_sha256": lm.sha256},
+        first_batch=2,
+        budgets=[2, 4],
+        frequency=[1 / 3] * 3,
+        accuracy=accuracy,
+    )
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    return path
+
+
+@pytest.mark.parametrize("grows, used", [(True, 4), (False, 2)])
+async def test_compute_optimal_draws_what_its_level_is_allotted(smol, tmp_path, grows, used) -> None:
+    """A first batch of 2, then the rest of the budget its level gets: 4 in all where more
+    samples helped on the training problems (every level here), 2 where they did not."""
+    accuracy = [[0.1, 0.5], [0.2, 0.6], [0.3, 0.7]] if grows else [[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]]
+    path = policy_for(tmp_path, smol, accuracy)
+    result = await make_algorithm("compute-optimal", policy=str(path)).run(
+        smol, "What is 2 + 3?", budget=4, seed=0, max_tokens=24, max_step_tokens=12
+    )
+    assert result.diagnostics["samples_used"] == used == len(result.particles)
+    level = result.diagnostics["difficulty_level"]
+    assert level == difficulty_level([p.answer for p in result.particles[:2]], 2)
+    assert result.diagnostics["allocation"] == ([4, 4, 4] if grows else [2, 2, 2])
+    assert result.usage.completion_tokens == sum(s.tokens for p in result.particles for s in p.steps)
+
+
+async def test_a_policy_for_another_generator_is_refused_before_any_compute(smol, tmp_path) -> None:
+    policy = BudgetPolicy({"name": "other", "gguf_sha256": "0" * 64}, 2, [2, 4], [0.5, 0.25, 0.25], [[0, 0]] * 3)
+    policy.save(tmp_path / "other.json")
+    calls_before = smol.stats["decode_calls"]
+    with pytest.raises(UsageError, match="fitted for other"):
+        await make_algorithm("compute-optimal", policy=str(tmp_path / "other.json")).run(smol, "What is 2 + 3?")
+    assert smol.stats["decode_calls"] == calls_before
+
+
+def itscale(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "itscale.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_fit_budget_policy_from_train_reward_rollouts(tmp_path) -> None:
+    directory = rollout_dir(tmp_path / "rollouts")
+    identity = {"generator": GENERATOR, "dataset": {"source": "/data/tiny_train.jsonl", "fingerprint": "x"}}
+    directory.record(identity, {"command": ["itscale", "train-reward"]})
+    directory.results.append([{"problem": f"p{i}", **r} for i, r in enumerate(three_kinds_of_problem())])
+    out = tmp_path / "policy.json"
+    done = itscale("fit-budget-policy", "--rollouts", str(tmp_path / "rollouts"), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "12 problems x 6 samples" in done.stdout and "auto:4" in done.stdout
+    policy = BudgetPolicy.load(out)
+    assert policy.generator == GENERATOR and policy.card["command"][:2] == ["itscale", "fit-budget-policy"]
+    # A test split is refused; so is a directory without rollouts.
+    identity["dataset"]["source"] = "/data/gsm8k_test.jsonl"
+    test_dir = rollout_dir(tmp_path / "test-rollouts")
+    test_dir.record(identity, {})
+    for rollouts, message in ((tmp_path / "test-rollouts", "test split"), (tmp_path / "nothing", "no rollouts in")):
+        done = itscale("fit-budget-policy", "--rollouts", str(rollouts), "--out", str(tmp_path / "p.json"))
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_solve_with_an_auto_budget(smol, tmp_path) -> None:
+    path = policy_for(tmp_path, smol, [[0.1, 0.5], [0.2, 0.6], [0.3, 0.7]])
+    common = ["--model", "smollm2-135m", "--n-threads", str(THREADS), "--max-tokens", "24", "--json"]
+    done = itscale("solve", "What is 2 + 3?", "--budget", "auto:4", "--option", f"policy={path}", *common)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["algorithm"] == "compute-optimal" and result["diagnostics"]["samples_used"] == 4
+    for args, message in (
+        (["--budget", "auto:1", "--option", f"policy={path}"], "below this policy's first batch of 2"),
+        (["--budget", "auto:4", "--algorithm", "beam-search"], "not beam-search"),
+        (["--budget", "auto:x"], "or auto:B, a mean budget per problem"),
+        (["--budget", "auto:4"], "no budget policy is shipped for smollm2-135m"),
+    ):
+        done = itscale("solve", "What is 2 + 3?", *args, *common)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
