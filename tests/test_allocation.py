@@ -68,6 +68,8 @@ def test_a_policy_spends_on_problems_where_more_samples_help() -> None:
     assert policy.frequency[0] == pytest.approx(1 / 3)
     assert policy.accuracy[0] == [0.0, 0.0, 0.0]
     assert policy.accuracy[2][0] == 1.0
+    # The level tells the hopeless (wrong) from the easy (right) next sample.
+    assert policy.card["difficulty_auroc"] > 0.8
     # Contested problems whose first two samples disagree: the vote gets better with samples.
     assert policy.accuracy[1][0] < policy.accuracy[1][2]
     # A mean budget of 3: the extra samples go to the contested level, none to the hopeless

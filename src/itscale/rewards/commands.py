@@ -348,6 +348,9 @@ def _fit_policy(args: argparse.Namespace) -> int:
         f"budget policy from {len(records)} problems x {policy.card['samples_per_problem']} samples, "
         f"first batch {policy.first_batch}, budgets {policy.budgets}; written to {args.out}"
     )
+    difficulty = policy.card["difficulty_auroc"]
+    if difficulty is not None:
+        print(f"  the level predicts that one more sample is wrong with AUROC {difficulty:.3f}")
     for level, (share, row) in enumerate(zip(policy.frequency, policy.accuracy, strict=True)):
         accuracies = ", ".join(f"{b}: {a:.0%}" for b, a in zip(policy.budgets, row, strict=True))
         agree = f"{level}/{policy.first_batch} agree"

@@ -249,6 +249,33 @@ def fit_policy(
             "samples_per_problem": k,
             "orders": orders,
             "seed": seed,
+            "difficulty_auroc": difficulty_auroc(records, first_batch, orders, seed),
             "date": datetime.date.today().isoformat(),
         },
     )
+
+
+def difficulty_auroc(
+    records: Sequence[dict[str, Any]], first_batch: int, orders: int = 24, seed: int = 0
+) -> float | None:
+    """How well the level predicts that one more sample is wrong (as greedy decoding would be
+    on a hard problem): AUROC of (first_batch - level) against "sample first_batch + 1 is
+    wrong", over `orders` random orders of each problem's samples. 0.5 is no better than
+    chance; None when every such sample is right, or every one wrong."""
+    from itscale.rewards.training import auroc
+
+    rng = random.Random(seed)
+    scores, wrong = [], []
+    for record in records:
+        samples = record["samples"]
+        if len(samples) <= first_batch:
+            continue
+        classes = answer_classes([s["answer"] for s in samples])
+        for _ in range(orders):
+            order = list(range(len(samples)))
+            rng.shuffle(order)
+            heads = [classes[i] for i in order[:first_batch] if classes[i] is not None]
+            level = max((heads.count(x) for x in set(heads)), default=0)
+            scores.append(first_batch - level)
+            wrong.append(not samples[order[first_batch]]["correct"])
+    return auroc(scores, wrong)
