@@ -41,9 +41,13 @@ SHIPPED = Path(__file__).resolve().parent / "policies"
 def difficulty_level(answers: Sequence[str | None], first_batch: int) -> int:
     """The level of a first batch: how many of its `first_batch` samples give the leading
     answer (0 when none has an answer); more agreement means an easier problem."""
-    classes = answer_classes(answers)
-    counts = [classes.count(c) for c in set(classes) if c is not None]
-    return min(first_batch, max(counts, default=0))
+    return level_of(answer_classes(answers[:first_batch]))
+
+
+def level_of(classes: Sequence[int | None]) -> int:
+    """How many of these answer classes are the most frequent one (0: no answer at all)."""
+    answered = [c for c in classes if c is not None]
+    return max((answered.count(c) for c in set(answered)), default=0)
 
 
 def answer_classes(answers: Sequence[str | None]) -> list[int | None]:
@@ -226,8 +230,7 @@ def fit_policy(
             rng.shuffle(order)
             c = [classes[i] for i in order]
             r = [correct[i] for i in order]
-            heads = [x for x in c[:first_batch] if x is not None]
-            level = max((heads.count(x) for x in set(heads)), default=0)
+            level = level_of(c[:first_batch])
             counts[level] += 1
             for j, b in enumerate(budgets):
                 hit = vote_is_right(c[:b], r[:b])
@@ -274,8 +277,7 @@ def difficulty_auroc(
         for _ in range(orders):
             order = list(range(len(samples)))
             rng.shuffle(order)
-            heads = [classes[i] for i in order[:first_batch] if classes[i] is not None]
-            level = max((heads.count(x) for x in set(heads)), default=0)
+            level = level_of([classes[i] for i in order[:first_batch]])
             scores.append(first_batch - level)
             wrong.append(not samples[order[first_batch]]["correct"])
     return auroc(scores, wrong)
