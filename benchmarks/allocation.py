@@ -1,0 +1,102 @@
+"""Compute-optimal allocation on test problems, replayed on samples already drawn.
+
+    .venv/bin/python benchmarks/allocation.py --policy runs/budget-policy-qwen.json [--samples 8]
+
+Reads the samples the rewards benchmark drew (`benchmarks/rewards.py`: K samples per GSM8K
+test problem, temperature 0.8, cached under .cache/benchmarks/rewards/) and replays, on every
+problem and in the samples' own order, what the `compute-optimal` algorithm does: the first
+batch sets the level, the policy's allocation for a mean budget B sets how many samples the
+problem gets, the majority vote over them is the answer. Beside it, the fixed budgets
+(self-consistency over the first b samples) on the same problems and samples. Prints the
+accuracy, the mean samples and generated tokens per problem, the paired difference against
+the fixed budget of the same or higher mean cost (95% bootstrap interval over problems), and
+how well the level predicts that a fresh sample is wrong (AUROC on the test problems).
+
+Replaying on drawn samples is exact for this algorithm: its samples are independent
+rollouts, so a problem that gets b samples gets what the first b of K would have been.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "benchmarks" / "rewards"
+DATA = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
+
+
+def load(samples: int) -> tuple[list[dict], dict]:
+    cached: dict = {}
+    for path in sorted(CACHE.glob(f"samples-{samples}*.json")):
+        cached.update(json.loads(path.read_text()))
+    if not cached:
+        sys.exit(f"no samples in {CACHE}: run benchmarks/rewards.py --samples {samples} --sample-only first")
+    with DATA.open() as f:
+        problems = [json.loads(line) for line in f]
+    return [p for p in problems if p["id"] in cached], cached
+
+
+def main() -> None:
+    from itscale.rewards.training import auroc
+    from itscale.search.allocation import BudgetPolicy, answer_classes, level_of, vote_is_right
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", required=True, help="a policy file from itscale fit-budget-policy")
+    parser.add_argument("--samples", type=int, default=8, help="samples per problem in the cache (default 8)")
+    parser.add_argument("--bootstrap", type=int, default=10_000)
+    args = parser.parse_args()
+
+    policy = BudgetPolicy.load(args.policy)
+    problems, cached = load(args.samples)
+    b0 = policy.first_batch
+    rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    per_problem = []
+    for problem in problems:
+        particles = cached[problem["id"]]["particles"]
+        classes = answer_classes([p["answer"] for p in particles])
+        right = [bool(p["correct"]) for p in particles]
+        tokens = np.cumsum([sum(s["tokens"] for s in p["steps"]) for p in particles])
+        per_problem.append((classes, right, tokens, level_of(classes[:b0])))
+
+    def record(name: str, budgets: list[int]) -> None:
+        correct = np.array([vote_is_right(c[:b], r[:b]) for (c, r, _, _), b in zip(per_problem, budgets, strict=True)])
+        spent = np.array([t[b - 1] for (_, _, t, _), b in zip(per_problem, budgets, strict=True)])
+        rows[name] = (correct.astype(float), np.array(budgets, dtype=float), spent.astype(float))
+
+    for b in sorted({1, b0, *policy.budgets, args.samples}):
+        record(f"self-consistency @{b}", [b] * len(per_problem))
+    for mean in sorted({b0 + 1, *policy.budgets[1:]}):
+        allocation = policy.allocate(mean)
+        record(f"compute-optimal auto:{mean} {allocation}", [allocation[lv] for *_, lv in per_problem])
+
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(per_problem), size=(args.bootstrap, len(per_problem)))
+    print(f"{len(per_problem)} GSM8K test problems x {args.samples} samples; policy {args.policy}")
+    print("\n| method | accuracy | mean samples | mean tokens | vs fixed budget of >= cost: difference [95% CI] |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    fixed = {name: row for name, row in rows.items() if name.startswith("self-consistency")}
+    for name, (correct, samples, spent) in rows.items():
+        comparison = ""
+        if name.startswith("compute-optimal"):
+            cheaper = [(n, r) for n, r in fixed.items() if r[1].mean() >= samples.mean() - 1e-9]
+            if cheaper:
+                other, (other_correct, _, _) = min(cheaper, key=lambda item: item[1][1].mean())
+                difference = correct - other_correct
+                low, high = np.percentile(difference[draws].mean(axis=1), [2.5, 97.5])
+                comparison = f"vs {other}: {difference.mean():+.1%} [{low:+.1%}, {high:+.1%}]"
+        print(f"| {name} | {correct.mean():.1%} | {samples.mean():.2f} | {spent.mean():,.0f} | {comparison} |")
+    scores, wrong = [], []
+    for _, right, _, level in per_problem:
+        for j in range(b0, len(right)):
+            scores.append(b0 - level)
+            wrong.append(not right[j])
+    print(f"\nthe level (first {b0} samples) predicts that a later sample is wrong: AUROC {auroc(scores, wrong):.3f}")
+
+
+if __name__ == "__main__":
+    main()
