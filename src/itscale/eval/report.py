@@ -230,7 +230,7 @@ def load(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     config = out.read_config()
     if config is None or not out.results.path.exists():
         raise UsageError(f"{out.path} has no evaluation results ({RESULTS}): run `itscale eval --out {out.path}` first")
-    records = list(out.results.load().values())
+    records = list(out.results.load(repair=False).values())
     if not records:
         raise UsageError(f"{out.results.path} is empty: the evaluation has not finished a run yet")
     return config, records

@@ -46,13 +46,15 @@ class ResultStore:
         self.key = key
         self.dropped_torn_line = False
 
-    def load(self) -> dict[Any, dict[str, Any]]:
-        """Every complete record; a torn last line is cut off the file (and noted)."""
+    def load(self, repair: bool = True) -> dict[Any, dict[str, Any]]:
+        """Every complete record; a torn last line is cut off the file (and noted), unless
+        `repair` is False: a reader beside a running writer (training while sampling goes
+        on) must not cut the line the writer is appending, so it only skips it."""
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):
+        if end < len(data) and repair:
             with open(self.path, "r+b") as f:
                 f.truncate(end)
                 os.fsync(f.fileno())
