@@ -115,7 +115,9 @@ async def _sample_one(lm, problem: dict, seed: int, n_samples: int) -> dict:
                     "end": s.end,
                     "logprob": s.logprob,
                     "self_certainty": s.self_certainty,
-                    "features": encode_features(s.features[None, :]) if s.features is not None else None,
+                    "features": {layer: encode_features(state[None, :]) for layer, state in s.features.items()}
+                    if s.features is not None
+                    else None,
                 }
                 for s in p.steps
             ],
@@ -162,9 +164,15 @@ def step_record(cached: dict):
 
     from itscale.types import Step
 
+    def state(text: str) -> np.ndarray:
+        return np.frombuffer(base64.b64decode(text), dtype=np.float16).astype(np.float32)
+
     fields = {k: v for k, v in cached.items() if k != "features"}
-    if cached.get("features") is not None:
-        fields["features"] = np.frombuffer(base64.b64decode(cached["features"]), dtype=np.float16).astype(np.float32)
+    features = cached.get("features")
+    if isinstance(features, str):  # samples cached before layers were named: the final state
+        fields["features"] = {"final": state(features)}
+    elif features is not None:
+        fields["features"] = {layer: state(text) for layer, text in features.items()}
     return Step(**fields)
 
 

@@ -59,16 +59,16 @@ async def test_every_step_carries_the_state_after_its_last_token(smol) -> None:
         single += await smol.extend([stepped], STEPS, [seed])
     try:
         for branch, steps in ((rollout, outs), (stepped, single)):
-            assert steps and all(s.features is not None and s.features.shape == (smol.n_embd,) for s in steps)
+            assert steps and all(s.features is not None and s.features["final"].shape == (smol.n_embd,) for s in steps)
             for k, step in enumerate(steps, start=1):
                 prefix = smol.fork(branch, steps=k)
                 [(again, cost)] = await smol.features([prefix])
                 smol.release(prefix)
                 assert cost >= 1
                 # The same tokens; a batch of one token and a lone one round differently.
-                assert cosine(again, step.features) > 0.999, (k, step.end)
+                assert cosine(again["final"], step.features["final"]) > 0.999, (k, step.end)
         # Different prefixes have different states.
-        assert cosine(outs[0].features, outs[-1].features) < 0.99
+        assert cosine(outs[0].features["final"], outs[-1].features["final"]) < 0.99
     finally:
         smol.release(rollout)
         smol.release(stepped)
@@ -88,6 +88,69 @@ async def test_steps_from_elsewhere_get_their_features_from_their_text(smol, tmp
     from_text = await probe_on(smol, head, tmp_path).score([ScoreRequest(PROBLEM, texts)])
     assert recorded.tokens == 0 and from_text.tokens > 0  # features from records cost nothing
     assert from_text.values[0] == pytest.approx(recorded.values[0], abs=0.02)
+
+
+@pytest.mark.parametrize("kv_layout", ["unified", "per-sequence"])
+async def test_inner_layers_come_with_generation_and_equal_a_separate_evaluation(kv_layout) -> None:
+    """A block's output, read by llama.cpp's graph callback, comes with every generated step
+    of many sequences decoded together, each row matched to its own sequence (a per-sequence
+    cache reorders a batch by sequence), and equals a separate evaluation of the same tokens."""
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    model = LlamaCppModel(
+        "smollm2-135m", n_seq_max=12, kv_layout=kv_layout, n_ctx=4096, seq_ctx=512, n_threads=THREADS,
+        feature_layers=["final", "10"],
+    )  # fmt: skip
+    try:
+        assert model.feature_layers == ("final", "10")
+        root = await model.start(PROBLEM)
+        branches = [model.fork(root) for _ in range(4)]
+        model.release(root)
+        outs = await model.extend_to_end(branches, STEPS, [[31 + i, 41 + i, 51 + i] for i in range(4)], [48] * 4,
+                                         lambda text: False)  # fmt: skip
+        assert len({o[0].text for o in outs}) > 1  # the sequences differ, so a mix-up would show
+        for branch, steps in zip(branches, outs, strict=True):
+            for k, step in enumerate(steps, start=1):
+                assert set(step.features) == {"final", "10"}
+                prefix = model.fork(branch, steps=k)
+                [(again, _)] = await model.features([prefix])
+                model.release(prefix)
+                assert cosine(again["10"], step.features["10"]) > 0.999, (kv_layout, k)
+                assert cosine(again["final"], step.features["final"]) > 0.999, (kv_layout, k)
+                assert cosine(step.features["10"], step.features["final"]) < 0.9  # another layer's state
+        for b in branches:
+            model.release(b)
+    finally:
+        model.shutdown()
+
+
+async def test_inner_layers_are_turned_on_only_while_the_engine_holds_nothing() -> None:
+    """The graph callback needs a new context: asking for an inner layer while sequences
+    hold KV cells is a clear error; once they are released it works, and a bad layer name
+    says what is allowed."""
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    model = LlamaCppModel("smollm2-135m", n_ctx=2048, n_seq_max=4, n_threads=THREADS)
+    try:
+        for bad in ("99", "-1", "middle"):
+            with pytest.raises(UsageError, match="unknown feature layer"):
+                model.enable_features([bad])
+        model.enable_features()
+        branch = await model.start(PROBLEM)
+        [first] = await model.extend([branch], STEPS, [1])
+        assert set(first.features) == {"final"}
+        with pytest.raises(UsageError, match="before the engine holds any sequence"):
+            model.enable_features(["5"])
+        model.release(branch)
+        model.enable_features(["5"])
+        assert model.feature_layers == ("final", "5")
+        branch = await model.start(PROBLEM)
+        [again] = await model.extend([branch], STEPS, [1])
+        assert set(again.features) == {"final", "5"}
+        assert again.text == first.text  # a new context, the same model: the same sample
+        model.release(branch)
+    finally:
+        model.shutdown()
 
 
 # ------------------------------------------------------------------ training
@@ -264,6 +327,40 @@ def test_train_reward_end_to_end_resumes_after_a_kill(smol, tmp_path) -> None:
     )
     assert again.returncode == 0, again.stderr
     assert (out / "head.npz").read_bytes() == first
+    # A layer the rollouts were not sampled with is evaluated from their text, once, into a
+    # file of its own; the head reads it, and the probe turns it on in the engine.
+    layered = tmp_path / "layered"
+    inner = subprocess.run(
+        train_reward("--dataset", str(data), "--rollouts", str(out), "--out", str(layered), "--train-only",
+                     "--layers", "12"),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert inner.returncode == 0, inner.stderr
+    side = [json.loads(line) for line in (out / "features-12.jsonl").read_text().splitlines()]
+    assert sorted(r["problem"] for r in side) == [f"q{i}" for i in range(6)]
+    assert json.loads((layered / "card.json").read_text())["layers"] == ["12"]
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    engine = LlamaCppModel("smollm2-135m", n_ctx=2048, n_seq_max=4, n_threads=THREADS)
+    try:
+        probe = make_reward(f'probe(path="{layered}")', engine)
+        assert engine.feature_layers == ("final", "12") and probe.head.n_features == engine.n_embd
+        result = await_run(make_algorithm("best-of-n"), engine, probe)
+        assert result.usage.reward_tokens == 0 and all(0 < p.score < 1 for p in result.particles)
+    finally:
+        engine.shutdown()
+    # Training on it again does not evaluate anything: the side file has every problem.
+    lines = (out / "features-12.jsonl").read_text().count("\n")
+    subprocess.run(train_reward("--dataset", str(data), "--rollouts", str(out), "--out", str(layered),
+                                "--train-only", "--layers", "12"), check=True, capture_output=True)  # fmt: skip
+    assert (out / "features-12.jsonl").read_text().count("\n") == lines
+
+
+def await_run(search, model, reward):
+    import asyncio
+
+    return asyncio.run(search.run(model, PROBLEM, budget=2, max_steps=2, max_tokens=32, max_step_tokens=16,
+                                  reward=reward))  # fmt: skip
 
 
 def test_train_reward_refuses_a_test_split_and_bad_flags(tmp_path) -> None:

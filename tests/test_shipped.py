@@ -8,7 +8,7 @@ import pytest
 
 from itscale.lm.models import MODELS
 from itscale.rewards.probe import SHIPPED as HEADS
-from itscale.rewards.probe import ValueHead, read_card
+from itscale.rewards.probe import ValueHead, card_layers, read_card
 from itscale.search.allocation import SHIPPED as POLICIES
 from itscale.search.allocation import BudgetPolicy
 
@@ -26,7 +26,7 @@ def test_a_shipped_head_belongs_to_its_model_and_was_trained_on_training_data(di
     card = read_card(directory)
     assert directory.name in MODELS and card["generator"]["gguf_sha256"] == MODELS[directory.name].sha256
     head = ValueHead.load(directory / "head.npz")
-    assert head.n_features == card["generator"]["n_embd"]
+    assert head.n_features == card["generator"]["n_embd"] * len(card_layers(card))
     assert isinstance(card["default"], bool)
     assert not card["data"]["source"].endswith("_test.jsonl")
     assert card["command"][:2] == ["itscale", "train-reward"]

@@ -74,15 +74,15 @@ class Step:
     self_certainty: float | None = None
     # The process reward of this step, given the steps before it.
     score: float | None = None
-    # The generator's hidden state at the position that predicted the step's last token
-    # (the embedded engine with features on): what a learned reward reads. Kept in memory;
-    # written out only when asked for (`Particle.to_dict(features=True)`).
-    features: Any = field(default=None, repr=False, compare=False)
+    # The generator's hidden states after the step's last token, by layer ("final", or a
+    # block index; the embedded engine with features on): what a learned reward reads. Kept
+    # in memory; written out only when asked for (`Particle.to_dict(features=True)`).
+    features: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, features: bool = False) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "features"}
         if features and self.features is not None:
-            out["features"] = [float(x) for x in self.features]
+            out["features"] = {layer: [float(x) for x in state] for layer, state in self.features.items()}
         return out
 
 

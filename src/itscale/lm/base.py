@@ -79,9 +79,9 @@ class StepOutput:
     prompt_tokens: int = 0
     logprob: float | None = None
     self_certainty: float | None = None
-    # The generator's hidden state at the position that predicted the step's last token,
-    # when the backend supplies it (the embedded engine with features on).
-    features: np.ndarray | None = field(default=None, repr=False)
+    # The generator's hidden states after the step's last token, by layer ("final", or a
+    # block index), when the backend supplies them (the embedded engine with features on).
+    features: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
 
 class Branch:

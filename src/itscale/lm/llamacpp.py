@@ -50,6 +50,7 @@ from itscale.errors import ItscaleError, UsageError
 from itscale.lm.amx_check import extra_buffers_usable
 from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, step_end
 from itscale.lm.chat import CHATML, ChatTemplate
+from itscale.lm.layers import FINAL, LayerObserver, layer_names, rows_by_entry
 from itscale.lm.models import DEFAULT_MODEL, MODELS, model_path
 from itscale.lm.sampling import candidate_logprobs, sample_token
 from itscale.types import Prompt
@@ -176,6 +177,22 @@ class _Prepare(_Work):
 _CLOSE = object()
 
 
+@dataclass(eq=False)
+class _Control:
+    """An action the engine thread runs between rounds (it alone touches the context)."""
+
+    action: Callable[[bool], None]
+    done: concurrent.futures.Future
+
+    def run(self, busy: bool) -> None:
+        try:
+            self.action(busy)
+        except BaseException as error:
+            self.done.set_exception(error)
+        else:
+            self.done.set_result(None)
+
+
 KV_LAYOUTS = ("unified", "per-sequence")
 
 
@@ -194,7 +211,8 @@ class LlamaCppModel:
       sequences of a few hundred tokens, decoding is 20 to 40% faster (docs/benchmarks.md).
 
     `n_seq_max` is the number of sequences the cache holds at once, `n_batch` the most
-    tokens decoded in one call.
+    tokens decoded in one call. `feature_layers` turns features on from the start with
+    these layers (see `enable_features`).
     """
 
     streams_text = True  # extend_to_end can hand on the text as it is generated (on_text)
@@ -210,6 +228,7 @@ class LlamaCppModel:
         chat_template: str | None = None,
         kv_layout: str = "unified",
         seq_ctx: int = 2048,
+        feature_layers: Sequence[str | int] = (),
     ):
         import llama_cpp
 
@@ -244,7 +263,14 @@ class LlamaCppModel:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_layer = llama_cpp.llama_model_n_layer(self._model)
         self.features_enabled = False
+        # The layers every generated step carries the state of, when features are on; the
+        # observer reads inner blocks (itscale.lm.layers) and exists only once one is asked for.
+        self.feature_layers: tuple[str, ...] = (FINAL,)
+        self._observer: LayerObserver | None = None
+        self._block_rows: dict[str, np.ndarray] = {}
+        self._entry_rows: np.ndarray | None = None
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -258,6 +284,11 @@ class LlamaCppModel:
         # no pooling, and embeddings switched on only for decodes that need them.
         cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
         cparams.embeddings = False
+        self._cparams = cparams
+        blocks = [b for b in layer_names(feature_layers, self.n_layer) if b != FINAL]
+        if blocks:
+            self._observer = LayerObserver(self.n_embd, blocks)
+            cparams.cb_eval = self._observer.callback
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -297,6 +328,8 @@ class LlamaCppModel:
         }
         self._thread = threading.Thread(target=self._run, name="itscale-llamacpp", daemon=True)
         self._thread.start()
+        if feature_layers:
+            self.enable_features(feature_layers)
 
     # ----------------------------------------------------------------- tokens and text
 
@@ -478,14 +511,57 @@ class LlamaCppModel:
 
     # ----------------------------------------------------------------- hidden states
 
-    def enable_features(self) -> None:
-        """From now on every generated step carries the generator's hidden state (the final
-        layer, after the output norm) after the step's last token (`StepOutput.features`):
-        a learned reward reads it without a decode of its own. Turned on by the rewards that
-        need it. What it costs: a copy of n_embd floats per step, and per step that is not a
-        rollout's next (a lockstep search's step) one token decoded twice, about 1/50 of
-        generation."""
+    def enable_features(self, layers: Sequence[str | int] = (FINAL,)) -> None:
+        """From now on every generated step carries the generator's hidden states after the
+        step's last token (`StepOutput.features`, a dict by layer name): "final" (after the
+        output norm) always, and the outputs of the blocks named in `layers` ("12": the
+        residual stream after block 12 of 0..n_layer-1). A learned reward reads them without
+        a decode of its own; the rewards that need them turn them on. Layers add up: a
+        second reward's layers join the first's.
+
+        What it costs: a copy of n_embd floats per layer and step, and per step that is not
+        a rollout's next (a lockstep search's step) one token decoded twice, about 1/50 of
+        generation. Inner blocks need llama.cpp's graph callback, which a context gets only
+        when it is created: the first time one is asked for, the engine recreates its
+        context, which it can do only while no branch holds KV cells (so enable features
+        before generating, as the rewards do when they are made), and every decode then
+        pays a Python call per graph node (docs/benchmarks.md)."""
+        names = layer_names(layers, self.n_layer)
+        blocks = tuple(dict.fromkeys((*self.feature_layers, *names)))
+        new_blocks = [b for b in blocks if b != FINAL and (self._observer is None or b not in self._observer.blocks)]
+        if new_blocks:
+            self._control(lambda busy: self._observe_blocks([b for b in blocks if b != FINAL], busy))
+        self.feature_layers = (FINAL, *(b for b in blocks if b != FINAL))
         self.features_enabled = True
+
+    def _observe_blocks(self, blocks: list[str], busy: bool) -> None:
+        """On the engine thread: capture these blocks, recreating the context with the
+        observer installed if it has none."""
+        if self._observer is not None:
+            self._observer.watch(blocks)
+            return
+        if busy or self._slot_owner:
+            raise UsageError(
+                "inner-layer features must be turned on before the engine holds any sequence: "
+                "make the reward that needs them before generating, or open the model with "
+                "LlamaCppModel(..., feature_layers=[...])"
+            )
+        observer = LayerObserver(self.n_embd, blocks)
+        self._cparams.cb_eval = observer.callback
+        ctx = self._ll.llama_init_from_model(self._model, self._cparams)
+        if not ctx:
+            raise ItscaleError("llama.cpp could not create a context with the layer observer")
+        self._ll.llama_free(self._ctx)
+        self._ctx, self._memory, self._observer = ctx, self._ll.llama_get_memory(ctx), observer
+        self._pending_ops.clear()
+        self._free_slots = list(range(self.n_seq_max - 1, -1, -1))
+
+    def _control(self, action: Callable[[bool], None]) -> None:
+        """Runs `action(busy)` on the engine thread between rounds and waits for it; `busy`
+        says whether work is in flight."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(_Control(action, done))
+        done.result()
 
     @property
     def sha256(self) -> str:
@@ -494,11 +570,12 @@ class LlamaCppModel:
 
         return model_sha256(self.path)
 
-    async def features(self, branches: Sequence[Branch]) -> list[tuple[np.ndarray, int]]:
-        """The hidden state after the last token of each branch, as a generated step records
-        it, by evaluating its tokens on a fork (reusing the KV cells of its nearest cached
-        ancestor), and the tokens that cost. The branches themselves are not changed."""
-        self.enable_features()
+    async def features(self, branches: Sequence[Branch]) -> list[tuple[dict[str, np.ndarray], int]]:
+        """The hidden states after the last token of each branch (every enabled layer), as a
+        generated step records them, by evaluating its tokens on a fork (reusing the KV cells
+        of its nearest cached ancestor), and the tokens that cost. The branches themselves
+        are not changed."""
+        self.enable_features(self.feature_layers)
         forks = [self.fork(self._own(b)) for b in branches]
         try:
             return await self._submit([_Features(f) for f in forks])
@@ -560,7 +637,10 @@ class LlamaCppModel:
                         for w in active:
                             _settle(w.future, error=ItscaleError("the engine was closed"))
                         return
-                    active.extend(item)
+                    if isinstance(item, _Control):
+                        item.run(busy=bool(active))
+                    else:
+                        active.extend(item)
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
@@ -779,9 +859,15 @@ class LlamaCppModel:
                     batch.seq_id[i][0] = w.branch.slot
                     batch.logits[i] = 1 if (last_needed and j == take - 1) else 0
             batch.n_tokens = n
+            observing = embeddings and self._observer is not None
+            if observing:
+                self._observer.start()
             status = self._ll.llama_decode(self._ctx, batch)
+            captured = self._observer.stop() if observing else {}
             self.stats["decode_calls"] += 1
             if status == 0:
+                if observing:
+                    self._place_block_rows(captured, n)
                 break
             if status != 1:
                 raise ItscaleError(f"llama_decode failed with status {status}")
@@ -814,9 +900,9 @@ class LlamaCppModel:
                     self._finish(w, None)
                     continue
                 index = start + take - 1
-                features = self._hidden_state(index) if embeddings else None
+                features = self._features_of(index) if embeddings else None
                 if isinstance(w, _Features):
-                    self._finish(w, (features.copy(), w.evaluated))
+                    self._finish(w, (features, w.evaluated))
                     continue
                 row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
                 if isinstance(w, _Score):
@@ -831,11 +917,27 @@ class LlamaCppModel:
             raise ItscaleError("llama.cpp returned no hidden state for a token decoded with embeddings on")
         return np.ctypeslib.as_array(pointer, shape=(self.n_embd,))
 
-    def _advance(self, w: _Generate, logits: np.ndarray, features: np.ndarray | None = None) -> None:
+    def _place_block_rows(self, captured: dict[str, np.ndarray], n: int) -> None:
+        """Keeps the inner blocks' rows of the decode just made, and which row is whose
+        (every entry is an output when embeddings are on)."""
+        finals = np.stack([self._hidden_state(i) for i in range(n)])
+        self._entry_rows = rows_by_entry(captured, finals)
+        self._block_rows = {layer: rows for layer, rows in captured.items() if not layer.startswith(FINAL)}
+
+    def _features_of(self, index: int) -> dict[str, np.ndarray]:
+        """Every enabled layer's state for batch entry `index` of the last decode (copies)."""
+        features = {FINAL: self._hidden_state(index).copy()}
+        if self._block_rows:
+            row = self._entry_rows[index]
+            for layer in self.feature_layers[1:]:
+                features[layer] = self._block_rows[layer][row].copy()
+        return features
+
+    def _advance(self, w: _Generate, logits: np.ndarray, features: dict[str, np.ndarray] | None = None) -> None:
         """Samples the next token of a generating work and decides whether its step ends.
 
-        `features` (when features are on) is the hidden state these logits came from: the
-        state after the token just fed. A step's features are the state after its last
+        `features` (when features are on) are the hidden states these logits came from: the
+        states after the token just fed. A step's features are the state after its last
         token: for a step that ended with end of turn, the state that predicted it (this
         decode); for any other, the state after its last sampled token, which the next
         decode computes: a rollout's next step does that anyway; a single step, or a
@@ -843,7 +945,7 @@ class LlamaCppModel:
         pending as after any step."""
         b, s = w.branch, w.settings
         if w.awaiting_features is not None:  # this decode fed the last token of a finished step
-            w.awaiting_features.features = features.copy() if features is not None else None
+            w.awaiting_features.features = features
             w.awaiting_features = None
             if w.closing:
                 b.kv_len -= 1
@@ -888,7 +990,7 @@ class LlamaCppModel:
             prompt_tokens=w.evaluated,
             logprob=w.logprob if n else None,
             self_certainty=w.certainty / n if n else None,
-            features=features.copy() if features is not None and end == "eos" else None,
+            features=features if end == "eos" else None,
         )
         deferred = w.needs_features and end != "eos"  # the state after `token` comes next decode
         if deferred:

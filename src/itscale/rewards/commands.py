@@ -73,6 +73,13 @@ def add_train_command(subparsers: Any) -> None:
     parser.add_argument("--rollouts", help="directory of the sampled rollouts, if not --out")
     parser.add_argument("--concurrency", type=int, default=8, help="problems sampled at once (default 8)")
     parser.add_argument("--n-threads", type=int, default=None, help="CPU threads for llama.cpp")
+    parser.add_argument(
+        "--layers",
+        default="final",
+        help="feature layers, comma-separated: 'final' (after the output norm) or block indices "
+        "(the residual stream after block K); sampled with the rollouts, evaluated from their text where "
+        "older rollouts lack them (default final)",
+    )
     parser.add_argument("--label", choices=["outcome", "mc"], default="outcome", help="labels to train on")
     parser.add_argument("--head", choices=["auto", "linear", "mlp"], default="auto", help="head kind (auto: both)")
     parser.add_argument("--hidden", type=int, default=64, help="MLP hidden units (default 64)")
@@ -94,7 +101,7 @@ def _train_reward(args: argparse.Namespace) -> int:
     from itscale.errors import UsageError
     from itscale.eval.commands import command_line
     from itscale.eval.datasets import load_dataset
-    from itscale.rewards.training import TrainSettings, examples_from, rollout_dir, train, write_head
+    from itscale.rewards.training import TrainSettings, examples_from, rollout_dir, train, with_layers, write_head
 
     # Everything a user can get wrong is checked before a model is loaded.
     if args.budget is not None:
@@ -117,6 +124,9 @@ def _train_reward(args: argparse.Namespace) -> int:
         raise UsageError("--label mc needs Monte Carlo labels: sample with --mc-rollouts K")
     settings = settings_from(args)
     seed = settings.seed
+    layers = tuple(x for x in args.layers.split(",") if x.strip())
+    if not layers:
+        raise UsageError("--layers names no layer: give 'final' or block indices such as 12")
     out = Path(args.out)
     directory = rollout_dir(args.rollouts or out)
     dataset = load_dataset(args.dataset, args.data_dir)
@@ -128,7 +138,7 @@ def _train_reward(args: argparse.Namespace) -> int:
     command = command_line(args, "train-reward")
 
     if not args.train_only:
-        _sample(args, directory, dataset, problems, settings, seed, command)
+        _sample(args, directory, dataset, problems, settings, seed, command, layers)
     if args.sample_only:
         return 0
 
@@ -138,16 +148,22 @@ def _train_reward(args: argparse.Namespace) -> int:
     identity = config["identity"]
     if identity["dataset"]["fingerprint"] != dataset.fingerprint:
         raise UsageError(f"the rollouts in {directory.path} were sampled from another dataset than {args.dataset}")
-    saved = directory.results.load()
+    saved = directory.results.load(repair=False)
     records = [saved[p.id] for p in problems if p.id in saved]
     if args.train_rollouts is not None:
         records = _first_rollouts(records, args.train_rollouts)
     if len(records) < 2:
         raise UsageError(f"{len(records)} problem(s) sampled in {directory.path}: too few to train on")
-    data = examples_from(records, identity["generator"]["n_embd"], args.label)
+    records, missing = with_layers(records, directory, layers)
+    if missing:
+        _fill_layers(args, directory, dataset, missing, identity, layers)
+        records, missing = with_layers(records, directory, layers)
+    data = examples_from(records, identity["generator"]["n_embd"], args.label, layers)
     train_settings = TrainSettings(kind=args.head, hidden=args.hidden, seed=seed)
     head, report = train(data, len(records), train_settings)
-    card = write_head(out, head, report, identity, records, data, args.label, train_settings, command, args.dataset)
+    card = write_head(
+        out, head, report, identity, records, data, args.label, train_settings, command, args.dataset, layers
+    )
     v = card["validation"]
 
     def number(value: float | None) -> str:
@@ -173,8 +189,56 @@ def _first_rollouts(records: list[dict], n: int) -> list[dict]:
     return kept
 
 
+def _fill_layers(
+    args: argparse.Namespace, directory: Any, dataset: Any, records: list, identity: dict, layers: tuple
+) -> None:
+    """Evaluates the layers the records lack from their text, a few problems at once, each
+    problem's states appended to the layer's side file as soon as they are known."""
+    import asyncio
+
+    from itscale.errors import UsageError
+    from itscale.lm.llamacpp import LlamaCppModel
+    from itscale.rewards.training import layer_features, layer_store
+    from itscale.types import Prompt
+
+    # The records name their generator: that is the model to evaluate on.
+    system = identity["settings"].get("system_prompt")
+    texts = {p.id: p.problem for p in dataset.problems}
+    lm = LlamaCppModel(identity["generator"]["name"], n_threads=args.n_threads, feature_layers=layers)
+    if lm.sha256 != identity["generator"]["gguf_sha256"]:
+        lm.shutdown()
+        raise UsageError(f"the rollouts in {directory.path} were sampled from another GGUF than {lm.path}")
+    stores = {layer: layer_store(directory, layer) for layer in layers}
+    with _SamplingProgress(len(records), 0, 1, not args.no_progress, what="layers from text") as bar:
+
+        async def fill(queue: list) -> None:
+            while queue:
+                record = queue.pop(0)
+                prompt = Prompt.of(texts[record["problem"]], system=system)
+                encoded = await layer_features(lm, record, prompt, layers)
+                for layer, store in stores.items():
+                    store.append([{"problem": record["problem"], "samples": encoded[layer]}])
+                bar.advance_by(record["problem"])
+
+        async def main() -> None:
+            queue = list(records)
+            await asyncio.gather(*(fill(queue) for _ in range(min(4, len(queue)))))
+
+        try:
+            asyncio.run(main())
+        finally:
+            lm.shutdown()
+
+
 def _sample(
-    args: argparse.Namespace, directory: Any, dataset: Any, problems: list, settings: Any, seed: int, command: list[str]
+    args: argparse.Namespace,
+    directory: Any,
+    dataset: Any,
+    problems: list,
+    settings: Any,
+    seed: int,
+    command: list[str],
+    layers: tuple,
 ) -> None:
     import asyncio
     import datetime
@@ -192,9 +256,9 @@ def _sample(
         kv_layout="per-sequence",
         seq_ctx=256 * math.ceil((settings.max_tokens + 768) / 256),
         n_threads=args.n_threads,
+        feature_layers=layers,
     )
     try:
-        lm.enable_features()
         identity = sampling_identity(lm, dataset, settings, args.samples, args.mc_rollouts, seed)
         with directory.lock():
             directory.check(identity)
@@ -236,7 +300,7 @@ class _SamplingProgress:
     """A bar over problems with the share of right rollouts, generated tokens/s and an ETA;
     one plain line per problem when stderr is not a terminal (a log file)."""
 
-    def __init__(self, total: int, done: int, samples: int, enabled: bool):
+    def __init__(self, total: int, done: int, samples: int, enabled: bool, what: str = "sampling"):
         import time
 
         from rich.console import Console
@@ -245,7 +309,7 @@ class _SamplingProgress:
         self.console = Console(stderr=True)
         self.plain = enabled and not self.console.is_terminal
         self.progress = Progress(
-            TextColumn("sampling"),
+            TextColumn(what),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
@@ -253,7 +317,8 @@ class _SamplingProgress:
             console=self.console,
             disable=not enabled or self.plain,
         )
-        self.task = self.progress.add_task("sampling", total=total, completed=done, stats="")
+        self.task = self.progress.add_task(what, total=total, completed=done, stats="")
+        self.what = what
         self.total, self.done, self.started = total, done, time.time()
         self.right = self.rollouts = self.tokens = 0
         self.samples = samples
@@ -286,6 +351,21 @@ class _SamplingProgress:
                 highlight=False,
                 markup=False,
                 soft_wrap=True,
+            )
+
+    def advance_by(self, label: str) -> None:
+        """One more item done that is not a sampled problem (layers evaluated from text)."""
+        import time
+
+        self.done += 1
+        self.progress.update(self.task, advance=1)
+        if self.plain:
+            elapsed = time.time() - self.started
+            eta = elapsed / self.done * (self.total - self.done)
+            self.console.print(
+                f"{time.strftime('%H:%M:%S')} {label}: {self.what} | {self.done}/{self.total}, ETA ~{eta / 60:.0f} min",
+                highlight=False,
+                markup=False,
             )
 
     @property
@@ -339,7 +419,7 @@ def _fit_policy(args: argparse.Namespace) -> int:
     source = identity["dataset"]["source"]
     if Path(source).stem.endswith("_test") and not args.allow_test_split:
         raise UsageError(f"the rollouts in {args.rollouts} come from a test split ({source}): fit on training data")
-    records = list(directory.results.load().values())
+    records = list(directory.results.load(repair=False).values())
     policy = fit_policy(records, identity["generator"], args.first_batch, args.orders, args.seed)
     command = command_line(args, "fit-budget-policy")
     policy.card.update({"data": {"rollouts": str(args.rollouts), "dataset": source}, "command": command})

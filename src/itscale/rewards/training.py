@@ -14,8 +14,12 @@
 Sampling is resumable: one JSONL record per problem, appended whole (a killed run loses at
 most the problems in flight), in a directory whose configuration (model, dataset, settings,
 samples) is checked on every resume. The hidden states travel in the record as float16
-(base64), so training needs no model. Training is a pure function of the records and the
-seed.
+(base64), one array per feature layer ("final", or a block index such as "12"), so
+training needs no model. A layer the records lack (sampled before it was asked for) is
+filled in once by evaluating the rollouts' text on the embedded model, into a file of its
+own beside them (`features-LAYER.jsonl`, resumable like the rollouts), never by rewriting
+the rollouts a sampler may still be appending to. Training is a pure function of the
+records and the seed.
 
 Why numpy and not scikit-learn or torch: the head has at most a few hundred thousand
 weights and trains on tens of thousands of rows in seconds; numpy is already a dependency,
@@ -101,7 +105,10 @@ async def sample_problem(
                 "correct": correct,
                 "end": p.end,
                 "steps": [{"text": s.text, "tokens": s.tokens, "end": s.end} for s in p.steps],
-                "features": encode_features(np.stack([s.features for s in p.steps])),
+                "features": {
+                    layer: encode_features(np.stack([s.features[layer] for s in p.steps]))
+                    for layer in lm.feature_layers
+                },
                 "mc": mc[i] + [float(correct)] if mc is not None else None,
             }
         )
@@ -152,6 +159,70 @@ def encode_features(features: np.ndarray) -> str:
 
 def decode_features(text: str, n_embd: int) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype=np.float16).reshape(-1, n_embd).astype(np.float32)
+
+
+def sample_layers(sample: dict[str, Any]) -> dict[str, str]:
+    """A rollout's encoded features by layer (records from before layers were named hold
+    the final state only, as one string)."""
+    features = sample["features"]
+    return {"final": features} if isinstance(features, str) else features
+
+
+# ------------------------------------------------------------------------------ layers from text
+
+
+def layer_store(directory: Any, layer: str):
+    from itscale.eval.store import ResultStore
+
+    return ResultStore(directory.path / f"features-{layer}.jsonl", key=lambda record: record["problem"])
+
+
+def with_layers(records: Sequence[dict[str, Any]], directory: Any, layers: Sequence[str]) -> tuple[list[dict], list]:
+    """The records with the layers filled in from their side files where the rollouts lack
+    them, and the records still missing one."""
+    side = {layer: layer_store(directory, layer).load(repair=False) for layer in layers}
+    merged, missing = [], []
+    for record in records:
+        samples = []
+        for i, sample in enumerate(record["samples"]):
+            features = dict(sample_layers(sample))
+            for layer in layers:
+                if layer not in features and record["problem"] in side[layer]:
+                    features[layer] = side[layer][record["problem"]]["samples"][i]
+            samples.append({**sample, "features": features})
+        record = {**record, "samples": samples}
+        merged.append(record)
+        if any(layer not in s["features"] for s in samples for layer in layers):
+            missing.append(record)
+    return merged, missing
+
+
+async def layer_features(lm: Any, record: dict[str, Any], prompt: Any, layers: Sequence[str]) -> dict[str, list[str]]:
+    """The hidden states of `layers` after every step of a record's rollouts, by evaluating
+    their text on the engine (one tree per problem: the prompt and shared leading steps are
+    evaluated once), encoded as the rollouts encode them."""
+    from itscale.rewards.base import ScoreRequest
+    from itscale.rewards.text_tree import TextBranches
+
+    texts = TextBranches(lm)
+    try:
+        requests = [
+            ScoreRequest(prompt, tuple(step["text"] for step in sample["steps"][: k + 1]))
+            for sample in record["samples"]
+            for k in range(len(sample["steps"]))
+        ]
+        branches = [await texts.branch(r) for r in requests]
+        results = await lm.features(branches)
+    finally:
+        texts.release()
+    out: dict[str, list[str]] = {layer: [] for layer in layers}
+    at = 0
+    for sample in record["samples"]:
+        n = len(sample["steps"])
+        for layer in layers:
+            out[layer].append(encode_features(np.stack([f[layer] for f, _ in results[at : at + n]])))
+        at += n
+    return out
 
 
 async def sample_rollouts(
@@ -206,16 +277,25 @@ class Examples:
         return Examples(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
 
 
-def examples_from(records: Sequence[dict[str, Any]], n_embd: int, label: str = "outcome") -> Examples:
-    """Rows for every step prefix of every rollout. `label` "outcome": the rollout's verdict;
-    "mc": the Monte Carlo fraction where sampled (records without it are skipped)."""
+def examples_from(
+    records: Sequence[dict[str, Any]], n_embd: int, label: str = "outcome", layers: Sequence[str] = ("final",)
+) -> Examples:
+    """Rows for every step prefix of every rollout: the states of `layers`, concatenated.
+    `label` "outcome": the rollout's verdict; "mc": the Monte Carlo fraction where sampled
+    (records without it are skipped)."""
     if label not in ("outcome", "mc"):
         raise UsageError(f"unknown label kind {label!r}: use outcome or mc")
     features, labels, problem, rollout, final, correct = [], [], [], [], [], []
     number = 0
     for p_index, record in enumerate(records):
         for sample in record["samples"]:
-            rows = decode_features(sample["features"], n_embd)
+            encoded = sample_layers(sample)
+            if any(layer not in encoded for layer in layers):
+                raise UsageError(
+                    f"the rollouts of {record['problem']} lack the features of layer(s) {', '.join(layers)}: "
+                    "run itscale train-reward with the same --layers, which evaluates them from the text"
+                )
+            rows = np.concatenate([decode_features(encoded[layer], n_embd) for layer in layers], axis=1)
             n = rows.shape[0]
             if label == "mc":
                 if sample.get("mc") is None:
@@ -453,13 +533,16 @@ def write_head(
     settings: TrainSettings,
     command: list[str] | None,
     dataset_name: str,
+    layers: Sequence[str] = ("final",),
 ) -> dict[str, Any]:
     """head.npz and card.json in `out`, each written atomically."""
     chosen = next(c for c in report["candidates"] if c["kind"] == report["chosen"])
     card = {
         "format": FORMAT,
         "generator": identity["generator"],
-        "features": "final hidden state (after the output norm) after the step's last token",
+        "layers": list(layers),
+        "features": "the hidden states of these layers after the step's last token, concatenated "
+        "('final': after the output norm; 'K': the residual stream after block K, from 0)",
         "label": label,
         "head": {"kind": head.kind, "hidden": settings.hidden if head.kind == "mlp" else None},
         "data": {
