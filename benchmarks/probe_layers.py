@@ -1,0 +1,219 @@
+"""Which layer's hidden state predicts a rollout's correctness best? A probe per layer.
+
+    .venv/bin/python benchmarks/probe_layers.py --rollouts runs/probe-qwen [--problems 80] [--folds 5]
+
+1. Re-evaluates the rollouts `itscale train-reward` sampled (training problems only) on the
+   embedded model, with llama.cpp's graph callback reading every block's output
+   (`l_out-K`, the residual stream after block K) and the final normed state
+   (`result_norm`, what the engine's features are) at the last token of every step.
+   Features are cached in `.cache/benchmarks/probe-layers/` (an .npz per run of problems),
+   so the analysis can be redone without the model.
+2. Trains the same heads as `itscale train-reward` (itscale.rewards.training.fit: logistic
+   and one-hidden-layer MLP, early stopping on a held-out part of the training folds) per
+   layer, in `--folds` folds split by problem, and prints the held-out AUROC of the whole
+   answer's value, pooled and within a problem (the mean over problems with both right and
+   wrong rollouts), averaged over the folds.
+
+Only training-split rollouts are read; nothing here touches a test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "benchmarks" / "probe-layers"
+
+
+def extract(rollouts: Path, problems: int, threads: int) -> Path:
+    """Features of every step of the first `problems` records, per layer, cached."""
+    import llama_cpp
+    from llama_cpp import _ggml
+
+    from itscale.eval.datasets import load_dataset
+    from itscale.lm.llamacpp import LlamaCppModel
+    from itscale.rewards.training import rollout_dir
+    from itscale.types import Prompt
+
+    directory = rollout_dir(rollouts)
+    config = directory.read_config()
+    if config is None:
+        sys.exit(f"no rollouts in {rollouts}: sample them with `itscale train-reward --sample-only`")
+    identity = config["identity"]
+    if Path(identity["dataset"]["source"]).stem.endswith("_test"):
+        sys.exit("these rollouts come from a test split: the layer study reads training data only")
+    saved = directory.results.load()
+    dataset = load_dataset(identity["dataset"]["source"])
+    order = [p for p in dataset.problems if p.id in saved][:problems]
+    key = hashlib.sha256(json.dumps([str(rollouts), [p.id for p in order]]).encode()).hexdigest()[:12]
+    path = CACHE / f"features-{len(order)}-{key}.npz"
+    if path.exists():
+        return path
+
+    lm = LlamaCppModel(identity["generator"]["name"], n_ctx=256, n_seq_max=1, n_threads=threads)
+    n_embd, n_layer = lm.n_embd, lm._ll.llama_model_n_layer(lm._model)
+    names = [f"l_out-{k}" for k in range(n_layer)] + ["result_norm"]
+    wanted = {n.encode() for n in names}
+    ggml = _ggml.libggml
+    ggml.ggml_get_name.restype, ggml.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    ggml.ggml_nbytes.restype, ggml.ggml_nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    captured: dict[str, list[np.ndarray]] = {}
+
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def observe(tensor, ask, _user):
+        name = ggml.ggml_get_name(tensor)
+        if ask:
+            return name in wanted
+        size = ggml.ggml_nbytes(tensor)
+        rows = np.empty(size // 4, np.float32)
+        ggml.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, size)
+        captured.setdefault(name.decode(), []).append(rows.reshape(-1, n_embd))
+        return True
+
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 4096, 512, 512
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.n_seq_max, cparams.kv_unified = 2, True  # the prompt, and a rollout on a copy of it
+    cparams.cb_eval = observe
+    ctx = llama_cpp.llama_init_from_model(lm._model, cparams)
+    memory = llama_cpp.llama_get_memory(ctx)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def decode(tokens: list[int], pos0: int, seq: int, outputs: set[int]) -> dict[str, np.ndarray]:
+        """Decodes `tokens` at positions pos0..., returns each capture's rows: every token's
+        for the inner blocks, the marked outputs' (in order) for the last block and the norm."""
+        captured.clear()
+        for start in range(0, len(tokens), 512):
+            chunk = tokens[start : start + 512]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i] = token, pos0 + start + i
+                batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq
+                batch.logits[i] = 1 if start + i in outputs else 0
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+        return {name: np.concatenate(parts) for name, parts in captured.items()}
+
+    settings = identity["settings"]
+    layers: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    meta: dict[str, list] = {"problem": [], "rollout": [], "final": [], "correct": []}
+    started, rollout_number, evaluated = time.perf_counter(), 0, 0
+    for p_index, problem in enumerate(order):
+        chat = Prompt.of(problem.problem, system=settings["system_prompt"])
+        prompt = lm._prompt_tokens(lm.template.prompt_text(chat))
+        llama_cpp.llama_memory_clear(memory, True)
+        decode(prompt, 0, 0, {len(prompt) - 1})
+        evaluated += len(prompt)
+        for sample in saved[problem.id]["samples"]:
+            tokens, ends = [], []
+            for step in sample["steps"]:
+                tokens += lm.tokenize(step["text"], special=False)
+                # The state after the step's last token; a step of no text (end of turn right
+                # after a delimiter) reads the state before it, as the engine does.
+                ends.append(max(len(tokens) - 1, -1))
+            llama_cpp.llama_memory_seq_rm(memory, 1, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, 0, 1, 0, len(prompt))
+            if not tokens:
+                rollout_number += 1
+                continue
+            outputs = sorted({e for e in ends if e >= 0})
+            rows = decode(tokens, len(prompt), 1, set(outputs))
+            evaluated += len(tokens)
+            index_of = {pos: i for i, pos in enumerate(outputs)}
+            for name in names:
+                if name in ("result_norm", f"l_out-{n_layer - 1}"):
+                    picked = [rows[name][index_of[max(e, outputs[0])]] for e in ends]
+                else:
+                    picked = [rows[name][max(e, 0)] for e in ends]
+                layers[name].append(np.stack(picked).astype(np.float16))
+            n = len(ends)
+            meta["problem"] += [p_index] * n
+            meta["rollout"] += [rollout_number] * n
+            meta["final"] += [False] * (n - 1) + [True]
+            meta["correct"] += [bool(sample["correct"])] * n
+            rollout_number += 1
+        rate = evaluated / (time.perf_counter() - started)
+        print(f"  {p_index + 1}/{len(order)} problems evaluated ({rate:.0f} tokens/s)", file=sys.stderr, flush=True)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    lm.shutdown()
+    arrays = {name: np.concatenate(rows) for name, rows in layers.items()}
+    arrays.update({k: np.asarray(v) for k, v in meta.items()})
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, **arrays)
+    partial.rename(path)
+    return path
+
+
+def evaluate(path: Path, folds: int, kinds: list[str], seed: int) -> None:
+    from itscale.rewards.training import Examples, TrainSettings, auroc, auroc_within, fit, split_by_problem
+
+    data = np.load(path)
+    problem, final, correct = data["problem"], data["final"], data["correct"]
+    n_problems = int(problem.max()) + 1
+    rng = np.random.default_rng(seed)
+    fold_of = rng.permutation(n_problems) % folds
+    names = [n for n in data.files if n.startswith("l_out-")] + ["result_norm"]
+    names.sort(key=lambda n: (n == "result_norm", int(n.split("-")[1]) if n.startswith("l_out") else 0))
+    mixed = sum(
+        1 for p in range(n_problems) if 0 < correct[final & (problem == p)].sum() < (final & (problem == p)).sum()
+    )
+    print(
+        f"{n_problems} training problems, {int(final.sum())} rollouts ({correct[final].mean():.0%} right), "
+        f"{len(problem)} step prefixes, {mixed} problems with both right and wrong rollouts; "
+        f"{folds} folds by problem\n"
+    )
+    header = " | ".join(f"{k} pooled | {k} within" for k in kinds)
+    print(f"| layer | {header} |")
+    print("| --- |" + " ---: |" * (2 * len(kinds)))
+    for name in names:
+        x = data[name].astype(np.float32)
+        cells = []
+        for kind in kinds:
+            pooled, within = [], []
+            for f in range(folds):
+                held = fold_of[problem] == f
+                train_rows = ~held
+                # Early stopping on a fifth of the training folds' problems, as train-reward does.
+                stop_mask = split_by_problem(n_problems, 0.2, seed + f)[problem] & train_rows
+                fit_rows = train_rows & ~stop_mask
+
+                def examples(mask: np.ndarray, x: np.ndarray = x) -> Examples:
+                    labels = correct[mask].astype(np.float32)
+                    return Examples(x[mask], labels, problem[mask], np.arange(mask.sum()), final[mask], correct[mask])
+
+                head, _ = fit(examples(fit_rows), examples(stop_mask), kind, TrainSettings(seed=seed))
+                scores = head.predict(x[held & final])
+                pooled.append(auroc(scores, correct[held & final]))
+                w, _ = auroc_within(scores, correct[held & final], problem[held & final])
+                within.append(w)
+            cells += [f"{np.mean([v for v in pooled if v is not None]):.3f}"]
+            cells += [f"{np.mean([v for v in within if v is not None]):.3f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rollouts", default="runs/probe-qwen", help="an `itscale train-reward` directory")
+    parser.add_argument("--problems", type=int, default=80, help="the first N sampled problems")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--heads", default="linear,mlp", help="head kinds to train per layer")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = extract(Path(args.rollouts), args.problems, args.threads)
+    evaluate(path, args.folds, args.heads.split(","), args.seed)
+
+
+if __name__ == "__main__":
+    main()
