@@ -203,7 +203,8 @@ async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | No
 
     scores = {}
     for spec, limit in MEASURED:
-        name = spec if spec != "probe" or probe is None else f"probe-{Path(probe).resolve().name}"
+        # A head's scores are cached by the head's own bytes: a head trained again is scored again.
+        name = spec if spec != "probe" or probe is None else f"probe-{_file_digest(Path(probe) / 'head.npz')}"
         path = CACHE / f"scores-{name}.json"
         cached = read_json(path, {})
         scores[spec] = cached
@@ -246,6 +247,12 @@ async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | No
             continue
         scores[product] = {pid: _product([scores[f][pid] for f in factors]) for pid in common}
     return scores
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def _product(entries: list[dict]) -> dict:
@@ -374,6 +381,12 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rewards", help="comma-separated rewards to score now (default: all measured)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for llama.cpp (1 on a busy machine)")
     parser.add_argument("--probe", help="the probe head directory to measure (default: the one shipped)")
+    parser.add_argument(
+        "--layers",
+        default="final",
+        help="feature layers the samples keep (comma-separated, see `itscale train-reward --layers`); a probe "
+        "reading another layer evaluates it from the text",
+    )
     args = parser.parse_args(argv)
 
     from itscale.lm.llamacpp import LlamaCppModel
@@ -383,7 +396,13 @@ async def main(argv: list[str] | None = None) -> None:
     sampled = all(p["id"] in load_samples(args.samples) for p in problems)
     needs_engine = not sampled or only is None or "llm-judge" in only or "probe" in only
     # A KV buffer per sequence: the problems sampled at once do not slow each other's attention.
-    engine = {"kv_layout": "per-sequence", "seq_ctx": 1536, "n_seq_max": 128, "n_threads": args.threads}
+    engine = {
+        "kv_layout": "per-sequence",
+        "seq_ctx": 1536,
+        "n_seq_max": 128,
+        "n_threads": args.threads,
+        "feature_layers": args.layers.split(","),
+    }
     lm = LlamaCppModel(GENERATOR, **engine) if needs_engine else None
     try:
         samples = await sample(lm, problems, args.samples, args.concurrency, args.reverse) if not sampled else None
