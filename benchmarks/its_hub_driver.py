@@ -53,7 +53,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)  # agenerate() is
 
 
 def yes_probability(yes: list[float], no: list[float], floor: float | None = None) -> float | None:
-    """As itscale.rewards.judge.yes_probability."""
+    """A copy of itscale.rewards.judge.yes_probability: this driver runs in its_hub's venv,
+    where itscale (and the llama-cpp-python that module imports) is not installed."""
     if not yes and not no:
         return None
     if floor is not None:
