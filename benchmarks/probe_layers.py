@@ -1,18 +1,21 @@
-"""Which layer's hidden state predicts a rollout's correctness best? A probe per layer.
+"""Which layer's hidden state predicts a rollout's correctness best, and how much data it takes.
 
     .venv/bin/python benchmarks/probe_layers.py --rollouts runs/probe-qwen [--problems 80] [--folds 5]
+        [--layers final,7,9,11,13] [--train-rollouts 100,200,400]
 
-1. Re-evaluates the rollouts `itscale train-reward` sampled (training problems only) on the
-   embedded model, with llama.cpp's graph callback reading every block's output
-   (`l_out-K`, the residual stream after block K) and the final normed state
-   (`result_norm`, what the engine's features are) at the last token of every step.
-   Features are cached in `.cache/benchmarks/probe-layers/` (an .npz per run of problems),
-   so the analysis can be redone without the model.
+1. Features. Rollouts sampled with `itscale train-reward --layers ...` carry every step's
+   state for those layers: they are read as they are (no model is loaded). Otherwise the
+   rollouts are re-evaluated on the embedded model, with llama.cpp's graph callback reading
+   every block's output (`l_out-K`, the residual stream after block K) and the final normed
+   state (`result_norm`, what the engine's features are) at the last token of every step,
+   cached in `.cache/benchmarks/probe-layers/` (an .npz per run of problems).
 2. Trains the same heads as `itscale train-reward` (itscale.rewards.training.fit: logistic
-   and one-hidden-layer MLP, early stopping on a held-out part of the training folds) per
-   layer, in `--folds` folds split by problem, and prints the held-out AUROC of the whole
-   answer's value, pooled and within a problem (the mean over problems with both right and
-   wrong rollouts), averaged over the folds.
+   and one-hidden-layer MLP, early stopping on a held-out fifth of the training folds'
+   problems) per layer, in `--folds` folds split by problem, and prints the held-out AUROC
+   of the whole answer's value, pooled and within a problem (the mean over the held-out
+   problems with both right and wrong rollouts), averaged over the folds.
+3. With `--train-rollouts`, the same per fold with the training folds cut to about N
+   rollouts (whole problems, in a random order): the data-size curve.
 
 Only training-split rollouts are read; nothing here touches a test split.
 """
@@ -31,6 +34,39 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "benchmarks" / "probe-layers"
+
+
+def tensor_name(layer: str) -> str:
+    """The graph tensor a feature layer reads: `final` is the output norm's state, block K's
+    is the residual stream after it."""
+    return "result_norm" if layer == "final" else f"l_out-{int(layer)}"
+
+
+def stored(rollouts: Path, problems: int, layers: list[str]) -> dict[str, np.ndarray] | None:
+    """The features the rollouts carry for `layers`, as `extract` lays them out, or None when
+    some rollout lacks one of them."""
+    from itscale.eval.datasets import load_dataset
+    from itscale.rewards.training import examples_from, rollout_dir, with_layers
+
+    directory = rollout_dir(rollouts)
+    config = directory.read_config()
+    if config is None:
+        sys.exit(f"no rollouts in {rollouts}: sample them with `itscale train-reward --sample-only`")
+    identity = config["identity"]
+    if Path(identity["dataset"]["source"]).stem.endswith("_test"):
+        sys.exit("these rollouts come from a test split: the layer study reads training data only")
+    saved = directory.results.load(repair=False)
+    dataset = load_dataset(identity["dataset"]["source"])
+    records = [saved[p.id] for p in dataset.problems if p.id in saved][:problems]
+    records, missing = with_layers(records, directory, layers)
+    if missing:
+        return None
+    arrays: dict[str, np.ndarray] = {}
+    for layer in layers:
+        data = examples_from(records, identity["generator"]["n_embd"], "outcome", [layer])
+        arrays[tensor_name(layer)] = data.features
+    arrays.update(problem=data.problem, rollout=data.rollout, final=data.final, correct=data.correct)
+    return arrays
 
 
 def extract(rollouts: Path, problems: int, threads: int) -> Path:
@@ -155,51 +191,61 @@ def extract(rollouts: Path, problems: int, threads: int) -> Path:
     return path
 
 
-def evaluate(path: Path, folds: int, kinds: list[str], seed: int) -> None:
+def evaluate(
+    data: dict[str, np.ndarray], names: list[str], folds: int, kinds: list[str], seed: int, sizes: list[int | None]
+) -> None:
     from itscale.rewards.training import Examples, TrainSettings, auroc, auroc_within, fit, split_by_problem
 
-    data = np.load(path)
     problem, final, correct = data["problem"], data["final"], data["correct"]
     n_problems = int(problem.max()) + 1
     rng = np.random.default_rng(seed)
     fold_of = rng.permutation(n_problems) % folds
-    names = [n for n in data.files if n.startswith("l_out-")] + ["result_norm"]
-    names.sort(key=lambda n: (n == "result_norm", int(n.split("-")[1]) if n.startswith("l_out") else 0))
-    mixed = sum(
-        1 for p in range(n_problems) if 0 < correct[final & (problem == p)].sum() < (final & (problem == p)).sum()
-    )
+    rollouts_of = np.bincount(problem[final], minlength=n_problems)
+    mixed = sum(1 for p in range(n_problems) if 0 < correct[final & (problem == p)].sum() < rollouts_of[p])
     print(
         f"{n_problems} training problems, {int(final.sum())} rollouts ({correct[final].mean():.0%} right), "
         f"{len(problem)} step prefixes, {mixed} problems with both right and wrong rollouts; "
         f"{folds} folds by problem\n"
     )
     header = " | ".join(f"{k} pooled | {k} within" for k in kinds)
-    print(f"| layer | {header} |")
-    print("| --- |" + " ---: |" * (2 * len(kinds)))
-    for name in names:
-        x = data[name].astype(np.float32)
-        cells = []
-        for kind in kinds:
-            pooled, within = [], []
-            for f in range(folds):
-                held = fold_of[problem] == f
-                train_rows = ~held
-                # Early stopping on a fifth of the training folds' problems, as train-reward does.
-                stop_mask = split_by_problem(n_problems, 0.2, seed + f)[problem] & train_rows
-                fit_rows = train_rows & ~stop_mask
+    print(f"| training rollouts | layer | {header} |")
+    print("| ---: | --- |" + " ---: |" * (2 * len(kinds)))
+    for size in sizes:
+        for name in names:
+            x = data[name].astype(np.float32)
+            cells, used = [], []
+            for kind in kinds:
+                pooled, within = [], []
+                for f in range(folds):
+                    held = fold_of[problem] == f
+                    train_problems = np.flatnonzero(fold_of != f)
+                    if size is not None:
+                        # Whole problems in a random order (the same for every layer and kind)
+                        # until about `size` rollouts.
+                        order = np.random.default_rng(seed + 1000 + f).permutation(train_problems)
+                        cut = int(np.searchsorted(np.cumsum(rollouts_of[order]), size)) + 1
+                        train_problems = order[:cut]
+                    train_rows = np.isin(problem, train_problems)
+                    used.append(int((train_rows & final).sum()))
+                    # Early stopping on a fifth of the training problems, as train-reward does.
+                    stop_problems = train_problems[split_by_problem(len(train_problems), 0.2, seed + f)]
+                    stop_mask = np.isin(problem, stop_problems)
+                    fit_rows = train_rows & ~stop_mask
 
-                def examples(mask: np.ndarray, x: np.ndarray = x) -> Examples:
-                    labels = correct[mask].astype(np.float32)
-                    return Examples(x[mask], labels, problem[mask], np.arange(mask.sum()), final[mask], correct[mask])
+                    def examples(mask: np.ndarray, x: np.ndarray = x) -> Examples:
+                        labels = correct[mask].astype(np.float32)
+                        return Examples(
+                            x[mask], labels, problem[mask], np.arange(mask.sum()), final[mask], correct[mask]
+                        )
 
-                head, _ = fit(examples(fit_rows), examples(stop_mask), kind, TrainSettings(seed=seed))
-                scores = head.predict(x[held & final])
-                pooled.append(auroc(scores, correct[held & final]))
-                w, _ = auroc_within(scores, correct[held & final], problem[held & final])
-                within.append(w)
-            cells += [f"{np.mean([v for v in pooled if v is not None]):.3f}"]
-            cells += [f"{np.mean([v for v in within if v is not None]):.3f}"]
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+                    head, _ = fit(examples(fit_rows), examples(stop_mask), kind, TrainSettings(seed=seed))
+                    scores = head.predict(x[held & final])
+                    pooled.append(auroc(scores, correct[held & final]))
+                    w, _ = auroc_within(scores, correct[held & final], problem[held & final])
+                    within.append(w)
+                cells += [f"{np.mean([v for v in pooled if v is not None]):.3f}"]
+                cells += [f"{np.mean([v for v in within if v is not None]):.3f}"]
+            print(f"| {np.mean(used):.0f} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
@@ -208,11 +254,28 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=80, help="the first N sampled problems")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--heads", default="linear,mlp", help="head kinds to train per layer")
+    parser.add_argument(
+        "--layers", default=None, help="layers the rollouts carry (final, block indices); default: re-evaluate all"
+    )
+    parser.add_argument(
+        "--train-rollouts", default=None, help="training-set sizes for the data-size curve, e.g. 100,200,400"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    path = extract(Path(args.rollouts), args.problems, args.threads)
-    evaluate(path, args.folds, args.heads.split(","), args.seed)
+    sizes: list[int | None] = [int(n) for n in args.train_rollouts.split(",")] if args.train_rollouts else []
+    sizes.append(None)  # every training rollout of the folds
+    data = stored(Path(args.rollouts), args.problems, args.layers.split(",")) if args.layers else None
+    if data is not None:
+        names = [tensor_name(layer) for layer in args.layers.split(",")]
+    else:
+        if args.layers:
+            print("the rollouts lack some of --layers: re-evaluating them on the model", file=sys.stderr)
+        loaded = np.load(extract(Path(args.rollouts), args.problems, args.threads))
+        data = {name: loaded[name] for name in loaded.files}
+        names = sorted((n for n in data if n.startswith("l_out-")), key=lambda n: int(n.split("-")[1]))
+        names.append("result_norm")
+    evaluate(data, names, args.folds, args.heads.split(","), args.seed, sizes)
 
 
 if __name__ == "__main__":
