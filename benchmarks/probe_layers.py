@@ -1,7 +1,7 @@
 """Which layer's hidden state predicts a rollout's correctness best, and how much data it takes.
 
     .venv/bin/python benchmarks/probe_layers.py --rollouts runs/probe-qwen [--problems 80] [--folds 5]
-        [--layers final,7,9,11,13] [--train-rollouts 100,200,400]
+        [--layers final,7,9,11,13] [--train-rollouts 100,200,400] [--rank-weights 0,1]
 
 1. Features. Rollouts sampled with `itscale train-reward --layers ...` carry every step's
    state for those layers: they are read as they are (no model is loaded). Otherwise the
@@ -192,8 +192,14 @@ def extract(rollouts: Path, problems: int, threads: int) -> Path:
 
 
 def evaluate(
-    data: dict[str, np.ndarray], names: list[str], folds: int, kinds: list[str], seed: int, sizes: list[int | None]
+    data: dict[str, np.ndarray],
+    names: list[str],
+    folds: int,
+    heads: list[tuple[str, float]],
+    seed: int,
+    sizes: list[int | None],
 ) -> None:
+    """`heads`: (kind, rank weight) pairs, a column pair each."""
     from itscale.rewards.training import Examples, TrainSettings, auroc, auroc_within, fit, split_by_problem
 
     problem, final, correct = data["problem"], data["final"], data["correct"]
@@ -207,14 +213,15 @@ def evaluate(
         f"{len(problem)} step prefixes, {mixed} problems with both right and wrong rollouts; "
         f"{folds} folds by problem\n"
     )
-    header = " | ".join(f"{k} pooled | {k} within" for k in kinds)
+    labels = [kind if not rank else f"{kind} rank {rank:g}" for kind, rank in heads]
+    header = " | ".join(f"{k} pooled | {k} within" for k in labels)
     print(f"| training rollouts | layer | {header} |")
-    print("| ---: | --- |" + " ---: |" * (2 * len(kinds)))
+    print("| ---: | --- |" + " ---: |" * (2 * len(heads)))
     for size in sizes:
         for name in names:
             x = data[name].astype(np.float32)
             cells, used = [], []
-            for kind in kinds:
+            for kind, rank in heads:
                 pooled, within = [], []
                 for f in range(folds):
                     held = fold_of[problem] == f
@@ -238,7 +245,8 @@ def evaluate(
                             x[mask], labels, problem[mask], np.arange(mask.sum()), final[mask], correct[mask]
                         )
 
-                    head, _ = fit(examples(fit_rows), examples(stop_mask), kind, TrainSettings(seed=seed))
+                    settings = TrainSettings(seed=seed, rank_weight=rank)
+                    head, _ = fit(examples(fit_rows), examples(stop_mask), kind, settings)
                     scores = head.predict(x[held & final])
                     pooled.append(auroc(scores, correct[held & final]))
                     w, _ = auroc_within(scores, correct[held & final], problem[held & final])
@@ -254,6 +262,9 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=80, help="the first N sampled problems")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--heads", default="linear,mlp", help="head kinds to train per layer")
+    parser.add_argument(
+        "--rank-weights", default="0", help="within-problem ranking weights to try per kind (as --rank-weight)"
+    )
     parser.add_argument(
         "--layers", default=None, help="layers the rollouts carry (final, block indices); default: re-evaluate all"
     )
@@ -275,7 +286,8 @@ def main() -> None:
         data = {name: loaded[name] for name in loaded.files}
         names = sorted((n for n in data if n.startswith("l_out-")), key=lambda n: int(n.split("-")[1]))
         names.append("result_norm")
-    evaluate(data, names, args.folds, args.heads.split(","), args.seed, sizes)
+    heads = [(kind, float(rank)) for kind in args.heads.split(",") for rank in args.rank_weights.split(",")]
+    evaluate(data, names, args.folds, heads, args.seed, sizes)
 
 
 if __name__ == "__main__":

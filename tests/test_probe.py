@@ -198,6 +198,58 @@ def test_the_mlp_learns_a_rule_a_line_cannot() -> None:
     assert report["chosen"] == "mlp" and head.kind == "mlp"
 
 
+def test_the_ranking_term_sees_only_differences_within_a_problem() -> None:
+    from itscale.rewards.training import _listwise
+
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(6), 5)
+    y = (rng.random(30) < 0.4).astype(np.float64)
+    y[25:] = 1.0  # the last problem is all right: no ranking information, left out
+    z = rng.standard_normal(30)
+    loss, grad = _listwise(z, y, groups)
+    # A per-problem shift of the logits (what "this problem is easy" adds) changes nothing.
+    shifted, _ = _listwise(z + rng.standard_normal(6)[groups], y, groups)
+    assert shifted == pytest.approx(loss)
+    assert np.all(grad[25:] == 0) and np.allclose(np.bincount(groups, weights=grad), 0)
+    # The gradient is the loss's.
+    eps = 1e-6
+    for i in (0, 7, 13):
+        bumped = z.copy()
+        bumped[i] += eps
+        assert (_listwise(bumped, y, groups)[0] - loss) / eps == pytest.approx(grad[i], abs=1e-4)
+
+
+def test_the_ranking_term_learns_the_within_problem_rule_under_a_strong_problem_signal() -> None:
+    """Each problem's states share a large problem-level part that predicts how easy it is;
+    which of its rollouts are right follows a small direction u. Cross-entropy alone spends
+    itself on the problem-level part and barely ranks within a problem; with the ranking term
+    the head ranks a problem's rollouts by u."""
+    rng = np.random.default_rng(7)
+    n_problems, per_problem, d = 200, 8, 24
+    problem = np.repeat(np.arange(n_problems), per_problem)
+    ease = rng.standard_normal(n_problems)
+    topic = rng.standard_normal((n_problems, d)) * 3.0
+    topic[:, 0] = ease * 3.0
+    u = np.zeros(d)
+    u[1] = 1.0
+    within = rng.standard_normal((len(problem), d)) * 0.3
+    x = (topic[problem] + within).astype(np.float32)
+    logit = 2.0 * ease[problem] + 8.0 * (within @ u)
+    y = (rng.random(len(problem)) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    data = Examples(x, y, problem, np.arange(len(y)), np.ones(len(y), dtype=bool), y.astype(bool))
+    validation = split_by_problem(n_problems, 0.2, 0)[problem]
+    best_possible, _ = auroc_within(within[validation] @ u, y[validation] > 0.5, problem[validation])
+    assert best_possible > 0.85
+
+    def within_on_validation(rank_weight: float) -> float:
+        _, report = train(data, n_problems, TrainSettings(kind="linear", seed=0, rank_weight=rank_weight))
+        return report["candidates"][0]["validation"]["auroc_within"]
+
+    plain, ranked = within_on_validation(0.0), within_on_validation(4.0)
+    assert plain < 0.65
+    assert ranked > 0.75 and ranked > plain + 0.15
+
+
 def test_auroc_within_a_problem_averages_over_problems_with_both_labels() -> None:
     scores = [0.9, 0.1, 0.5, 0.4, 0.7, 0.8]
     labels = [True, False, False, True, True, True]

@@ -83,6 +83,12 @@ def add_train_command(subparsers: Any) -> None:
     parser.add_argument("--label", choices=["outcome", "mc"], default="outcome", help="labels to train on")
     parser.add_argument("--head", choices=["auto", "linear", "mlp"], default="auto", help="head kind (auto: both)")
     parser.add_argument("--hidden", type=int, default=64, help="MLP hidden units (default 64)")
+    parser.add_argument(
+        "--rank-weight",
+        type=float,
+        default=0.0,
+        help="weight of a within-problem ranking term added to the cross-entropy (default 0: none)",
+    )
     parser.add_argument("--train-rollouts", type=int, help="train on the first N rollouts only (data-size studies)")
     parser.add_argument("--sample-only", action="store_true", help="sample, do not train")
     parser.add_argument("--train-only", action="store_true", help="train on the saved rollouts, sample nothing")
@@ -95,6 +101,7 @@ def add_train_command(subparsers: Any) -> None:
 
 
 def _train_reward(args: argparse.Namespace) -> int:
+    import math
     from pathlib import Path
 
     from itscale.cli import settings_from
@@ -114,6 +121,8 @@ def _train_reward(args: argparse.Namespace) -> int:
     ):
         if value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if not (math.isfinite(args.rank_weight) and args.rank_weight >= 0):
+        raise UsageError(f"--rank-weight must be a finite number >= 0, got {args.rank_weight}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive integer, got {args.limit}")
     if args.train_rollouts is not None and args.train_rollouts < 2:
@@ -159,7 +168,7 @@ def _train_reward(args: argparse.Namespace) -> int:
         _fill_layers(args, directory, dataset, missing, identity, layers)
         records, missing = with_layers(records, directory, layers)
     data = examples_from(records, identity["generator"]["n_embd"], args.label, layers)
-    train_settings = TrainSettings(kind=args.head, hidden=args.hidden, seed=seed)
+    train_settings = TrainSettings(kind=args.head, hidden=args.hidden, seed=seed, rank_weight=args.rank_weight)
     head, report = train(data, len(records), train_settings)
     card = write_head(
         out, head, report, identity, records, data, args.label, train_settings, command, args.dataset, layers

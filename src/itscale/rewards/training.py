@@ -399,6 +399,8 @@ class TrainSettings:
     batch_size: int = 256
     weight_decay: float = 1e-3
     learning_rate: float = 1e-3
+    # Weight of the within-problem ranking term (0: plain cross-entropy). See `fit`.
+    rank_weight: float = 0.0
 
 
 def train(data: Examples, n_problems: int, settings: TrainSettings) -> tuple[ValueHead, dict[str, Any]]:
@@ -441,7 +443,15 @@ def train(data: Examples, n_problems: int, settings: TrainSettings) -> tuple[Val
 
 def fit(train_data: Examples, val_data: Examples, kind: str, settings: TrainSettings) -> tuple[ValueHead, int]:
     """Minibatch Adam on the mean binary cross-entropy (soft labels allowed) plus weight
-    decay; the weights of the epoch with the lowest validation loss are kept."""
+    decay; the weights of the epoch with the lowest validation loss are kept.
+
+    With `rank_weight` w > 0 the loss adds w times a within-problem listwise term: for each
+    problem whose rows do not all share one label, the cross-entropy between the softmax of
+    its rows' logits and its labels normalised to sum to one. Cross-entropy alone can lower
+    its loss by learning which *problems* are easy (their states differ by topic), which does
+    not help choose among one problem's particles; the listwise term only sees differences
+    within a problem, which is what a search's weights use. Minibatches are then whole
+    problems, so every problem's rows meet in one batch."""
     rng = np.random.default_rng(settings.seed)
     x = train_data.features
     mean = x.mean(axis=0)
@@ -449,6 +459,7 @@ def fit(train_data: Examples, val_data: Examples, kind: str, settings: TrainSett
     xs = ((x - mean) / scale).astype(np.float32)
     xv = ((val_data.features - mean) / scale).astype(np.float32)
     y, yv = train_data.labels, val_data.labels
+    groups, groups_v = train_data.problem, val_data.problem
     d = xs.shape[1]
     if kind == "linear":
         params = [np.zeros((d, 1), np.float32), np.zeros(1, np.float32)]
@@ -466,11 +477,10 @@ def fit(train_data: Examples, val_data: Examples, kind: str, settings: TrainSett
     moments = [(np.zeros_like(p), np.zeros_like(p)) for p in params]
     beta1, beta2, step = 0.9, 0.999, 0
     best_loss, best_params, best_epoch, waited = math.inf, [p.copy() for p in params], 0, 0
+    w_rank = settings.rank_weight
     for epoch in range(1, settings.epochs + 1):
-        order = rng.permutation(len(y))
-        for start in range(0, len(y), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            grads = _gradients(params, xs[idx], y[idx])
+        for idx in _minibatches(rng, groups, settings.batch_size, by_problem=w_rank > 0):
+            grads = _gradients(params, xs[idx], y[idx], groups[idx], w_rank)
             step += 1
             for p, g, (m, v) in zip(params, grads, moments, strict=True):
                 if p.ndim == 2:
@@ -482,7 +492,7 @@ def fit(train_data: Examples, val_data: Examples, kind: str, settings: TrainSett
                 m_hat = m / (1 - beta1**step)
                 v_hat = v / (1 - beta2**step)
                 p -= settings.learning_rate * m_hat / (np.sqrt(v_hat) + 1e-8)
-        loss = _loss(params, xv, yv)
+        loss = _loss(params, xv, yv, groups_v, w_rank)
         if loss < best_loss - 1e-5:
             best_loss, best_params, best_epoch, waited = loss, [p.copy() for p in params], epoch, 0
         else:
@@ -497,6 +507,49 @@ def fit(train_data: Examples, val_data: Examples, kind: str, settings: TrainSett
     return ValueHead(kind, mean.astype(np.float32), scale.astype(np.float32), weights), best_epoch
 
 
+def _minibatches(rng: np.random.Generator, groups: np.ndarray, size: int, by_problem: bool) -> list[np.ndarray]:
+    """Row indices of each minibatch of an epoch: rows in a random order, or (`by_problem`)
+    whole problems in a random order, filled to about `size` rows."""
+    if not by_problem:
+        order = rng.permutation(len(groups))
+        return [order[start : start + size] for start in range(0, len(order), size)]
+    rows_of: dict[int, list[int]] = {}
+    for i, g in enumerate(groups.tolist()):
+        rows_of.setdefault(g, []).append(i)
+    batches, current = [], []
+    for g in rng.permutation(sorted(rows_of)).tolist():
+        current += rows_of[g]
+        if len(current) >= size:
+            batches.append(np.asarray(current))
+            current = []
+    if current:
+        batches.append(np.asarray(current))
+    return batches
+
+
+def _listwise(z: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, np.ndarray]:
+    """The within-problem listwise loss of `fit` (mean over problems with differing labels)
+    and its gradient with respect to `z`."""
+    _, g = np.unique(groups, return_inverse=True)
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    lo = np.full(n_groups, np.inf)
+    hi = np.full(n_groups, -np.inf)
+    np.minimum.at(lo, g, y)
+    np.maximum.at(hi, g, y)
+    informative = hi > lo
+    if not informative.any():
+        return 0.0, np.zeros_like(z)
+    top = np.full(n_groups, -np.inf)
+    np.maximum.at(top, g, z)
+    e = np.exp(z - top[g])
+    softmax = e / np.bincount(g, weights=e, minlength=n_groups)[g]
+    target = y / np.maximum(np.bincount(g, weights=y, minlength=n_groups)[g], 1e-12)
+    keep = informative[g]
+    count = int(informative.sum())
+    loss = -float(np.sum(target[keep] * np.log(softmax[keep] + 1e-12))) / count
+    return loss, np.where(keep, softmax - target, 0.0) / count
+
+
 def _forward(params: list[np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     if len(params) == 2:
         return (x @ params[0] + params[1])[:, 0], None
@@ -504,15 +557,22 @@ def _forward(params: list[np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.nd
     return (hidden @ params[2] + params[3])[:, 0], hidden
 
 
-def _loss(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+def _loss(params: list[np.ndarray], x: np.ndarray, y: np.ndarray, groups: np.ndarray, rank_weight: float) -> float:
     z, _ = _forward(params, x)
     # log(1 + e^z) - y z, computed stably
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+    loss = float(np.mean(np.logaddexp(0.0, z) - y * z))
+    return loss + rank_weight * _listwise(z, y, groups)[0] if rank_weight else loss
 
 
-def _gradients(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+def _gradients(
+    params: list[np.ndarray], x: np.ndarray, y: np.ndarray, groups: np.ndarray, rank_weight: float
+) -> list[np.ndarray]:
     z, hidden = _forward(params, x)
-    dz = ((1.0 / (1.0 + np.exp(-z))) - y)[:, None] / len(y)
+    dz = (1.0 / (1.0 + np.exp(-z))) - y
+    dz /= len(y)
+    if rank_weight:
+        dz += rank_weight * _listwise(z, y, groups)[1]
+    dz = dz.astype(np.float32)[:, None]
     if hidden is None:
         return [x.T @ dz, dz.sum(axis=0)]
     d_hidden = (dz @ params[2].T) * (hidden > 0)
