@@ -1,6 +1,6 @@
 """Compute-optimal allocation on test problems, replayed on samples already drawn.
 
-    .venv/bin/python benchmarks/allocation.py --policy runs/budget-policy-qwen.json [--samples 8]
+    .venv/bin/python benchmarks/allocation.py --policy runs/budget-policy-qwen.json [--samples 8] [--probe DIR]
 
 Reads the samples the rewards benchmark drew (`benchmarks/rewards.py`: K samples per GSM8K
 test problem, temperature 0.8, cached under .cache/benchmarks/rewards/) and replays, on every
@@ -11,6 +11,8 @@ problem gets, the majority vote over them is the answer. Beside it, the fixed bu
 accuracy, the mean samples and generated tokens per problem, the paired difference against
 the fixed budget of the same or higher mean cost (95% bootstrap interval over problems), and
 how well the level predicts that a fresh sample is wrong (AUROC on the test problems).
+With `--probe DIR`, also how well the learned value head's values on the first batch (as
+the rewards benchmark scored them with that head) predict failure, beside the level.
 
 Replaying on drawn samples is exact for this algorithm: its samples are independent
 rollouts, so a problem that gets b samples gets what the first b of K would have been.
@@ -28,6 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "benchmarks" / "rewards"
 DATA = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
+STUDY = REPO / "docs" / "results" / "gsm8k-qwen0.5b" / "results.jsonl"
 
 
 def load(samples: int) -> tuple[list[dict], dict]:
@@ -49,6 +52,9 @@ def main() -> None:
     parser.add_argument("--policy", required=True, help="a policy file from itscale fit-budget-policy")
     parser.add_argument("--samples", type=int, default=8, help="samples per problem in the cache (default 8)")
     parser.add_argument("--bootstrap", type=int, default=10_000)
+    parser.add_argument(
+        "--probe", help="a probe head directory whose scores the rewards benchmark cached: difficulty estimates"
+    )
     args = parser.parse_args()
 
     policy = BudgetPolicy.load(args.policy)
@@ -96,6 +102,48 @@ def main() -> None:
             scores.append(b0 - level)
             wrong.append(not right[j])
     print(f"\nthe level (first {b0} samples) predicts that a later sample is wrong: AUROC {auroc(scores, wrong):.3f}")
+    if args.probe:
+        difficulty_table(problems, cached, per_problem, b0, Path(args.probe))
+
+
+def difficulty_table(problems: list[dict], cached: dict, per_problem: list, b0: int, probe: Path) -> None:
+    """How well each cheap difficulty estimate predicts failure on the test problems: that a
+    later sample is wrong, and that greedy decoding is wrong (greedy from the GSM8K study's
+    records). The estimates: the first batch's agreement (what the policy uses), and the
+    learned value head's mean over the first batch of its value after the first step (one
+    step of each sample) and of the whole answers (the whole batch)."""
+    from itscale.rewards.training import auroc
+    from rewards import _file_digest
+
+    scores_path = CACHE / f"scores-probe-{_file_digest(probe / 'head.npz')}.json"
+    if not scores_path.exists():
+        sys.exit(f"no probe scores at {scores_path}: run benchmarks/rewards.py --probe {probe} --rewards probe first")
+    values = json.loads(scores_path.read_text())
+    greedy = {}
+    for line in STUDY.read_text().splitlines():
+        record = json.loads(line)
+        if record["algorithm"] == "greedy" and record["budget"] == 1:
+            greedy[record["problem"]] = bool(record["correct"])
+    estimates: dict[str, list[float]] = {"agreement of the first batch": [], "value after the first step": []}
+    estimates["value of the whole answers"] = []
+    later_wrong, greedy_wrong, kept = [], [], []
+    for problem, (_, right, _, level) in zip(problems, per_problem, strict=True):
+        if problem["id"] not in values or problem["id"] not in greedy:
+            continue
+        entry = values[problem["id"]]
+        kept.append(problem["id"])
+        # Higher means harder, so that every AUROC below is of predicting failure.
+        estimates["agreement of the first batch"].append(b0 - level)
+        estimates["value after the first step"].append(-float(np.mean([s[0] for s in entry["steps"][:b0]])))
+        estimates["value of the whole answers"].append(-float(np.mean(entry["model"][:b0])))
+        later_wrong.append(1.0 - float(np.mean(right[b0:])))
+        greedy_wrong.append(not greedy[problem["id"]])
+    print(f"\nDifficulty estimates on {len(kept)} test problems (first batch: {b0} samples; probe {probe}):\n")
+    print("| estimate | AUROC: greedy is wrong | AUROC: majority of later samples wrong |")
+    print("| --- | ---: | ---: |")
+    for name, score in estimates.items():
+        mostly_wrong = [w > 0.5 for w in later_wrong]
+        print(f"| {name} | {auroc(score, greedy_wrong):.3f} | {auroc(score, mostly_wrong):.3f} |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ these tests check that the output directory was not even created."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,6 +269,35 @@ def test_a_damaged_line_in_the_middle_is_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------ the plan
+
+
+def test_a_study_scored_by_a_learned_head_belongs_to_that_head(data_dir, tmp_path):
+    """The spec "probe" names no file: a head trained again must change the study's identity,
+    so its directory refuses to mix records scored by the two heads."""
+    import numpy as np
+
+    from itscale.rewards.probe import SHIPPED, ValueHead
+
+    dataset = load_dataset("gsm8k", data_dir)
+
+    def identity(reward: str) -> dict:
+        plan = Plan(dataset, ("best-of-n",), (4,), (0,), SearchSettings(), reward, Backend("qwen2.5-coder-0.5b"))
+        return plan.identity()
+
+    assert "probe_heads" not in identity("arithmetic * self-certainty")  # older studies keep their identity
+    shipped = identity("probe * arithmetic")["probe_heads"]
+    assert shipped == [hashlib.sha256((SHIPPED / "qwen2.5-coder-0.5b" / "head.npz").read_bytes()).hexdigest()]
+
+    def head_in(directory: Path, bias: float) -> str:
+        directory.mkdir()
+        ValueHead(
+            "linear", np.zeros(4, np.float32), np.ones(4, np.float32), (np.ones(4, np.float32), np.float32(bias))
+        ).save(directory / "head.npz")
+        return f'probe(path="{directory}")'
+
+    first, retrained = head_in(tmp_path / "a", 0.0), head_in(tmp_path / "b", 1.0)
+    assert identity(first)["probe_heads"] != identity(retrained)["probe_heads"]
+    assert identity(first) == identity(first)
 
 
 def test_units_reuse_samples_only_where_the_algorithm_allows(data_dir):

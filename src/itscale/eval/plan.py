@@ -115,13 +115,32 @@ class Plan:
 
     def identity(self) -> dict[str, Any]:
         settings = self.settings.identity()
-        return {
+        identity = {
             "dataset": {"source": self.dataset.source, "fingerprint": self.dataset.fingerprint},
             "model": self.backend.identity(),
             "reward": self.reward,
             "settings": settings,
             "options": {a: self.options.get(a, {}) for a in self.algorithms},
         }
+        heads = self._probe_heads()
+        if heads:  # only then: the identities of studies without a learned head stay as they were
+            identity["probe_heads"] = heads
+        return identity
+
+    def _probe_heads(self) -> list[str | None]:
+        """The weights' sha256 of every learned head the reward reads (the spec's path, else
+        the head shipped for the embedded model): the spec "probe" names no file, and a head
+        trained again must not score into a study begun with the old one."""
+        from itscale.rewards.probe import head_digest, shipped_head
+        from itscale.rewards.spec import parse_spec
+
+        embedded = self.backend.judge_model if self.backend.backend_url else self.backend.model
+        heads = []
+        for factor in parse_spec(self.reward):
+            if factor.name == "probe":
+                path = factor.options.get("path") or (shipped_head(embedded) if embedded else None)
+                heads.append(head_digest(path) if path else None)
+        return heads
 
     def grid(self) -> dict[str, Any]:
         return {

@@ -146,6 +146,15 @@ def shipped_head(model_name: str) -> Path | None:
     return directory if (directory / CARD_FILE).exists() else None
 
 
+def head_digest(directory: str | Path) -> str | None:
+    """The sha256 of a head's weights (None without a head file): what a study's identity
+    records, so that records scored by a head trained again never mix with the old ones."""
+    import hashlib
+
+    path = Path(directory).expanduser() / HEAD_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
 class ProbeReward(CachedReward):
     """P(right | prefix) from a value head on the embedded generator's hidden states.
 
