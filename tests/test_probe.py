@@ -316,6 +316,41 @@ async def test_the_probe_scores_every_algorithm_and_combines_in_products(smol, t
             assert not result.diagnostics.get("reward_failures")
 
 
+async def test_a_shipped_head_whose_card_says_default_is_the_default_everywhere(smol, tmp_path, monkeypatch) -> None:
+    """Python (reward None), the CLI's solve and eval (no --reward) and the server all take
+    the model's default from one place: the shipped head where its card says "default"."""
+    import itscale.rewards.probe as probe_module
+    from itscale.api import asolve
+    from itscale.cli import build_parser
+    from itscale.eval.commands import plan_from
+    from itscale.rewards.registry import DEFAULT_REWARD, default_reward, default_reward_for
+
+    monkeypatch.setattr(probe_module, "SHIPPED", tmp_path)
+    directory = tmp_path / smol.name
+    # A head that says 0.123 whatever the state: its scores are recognisable.
+    constant = ValueHead(
+        "linear",
+        np.zeros(smol.n_embd, np.float32),
+        np.ones(smol.n_embd, np.float32),
+        (np.zeros(smol.n_embd, np.float32), np.float32(math.log(0.123 / 0.877))),
+    )
+    probe_on(smol, constant, directory)
+    assert default_reward(smol) == default_reward_for(smol.name) == DEFAULT_REWARD  # no "default" in the card
+    card = json.loads((directory / "card.json").read_text())
+    (directory / "card.json").write_text(json.dumps({**card, "default": True}))
+    assert default_reward(smol) == default_reward_for(smol.name) == "probe"
+    assert default_reward_for("qwen2.5-coder-0.5b") == DEFAULT_REWARD  # no head shipped for it here
+
+    result = await asolve(PROBLEM, "best-of-n", lm=smol, budget=2, max_tokens=24, max_step_tokens=12, seed=0)
+    scores = [s.score for p in result.particles for s in p.steps if s.score is not None]
+    assert scores and all(v == pytest.approx(0.123) for v in scores)
+
+    command = ["eval", "--dataset", "gsm8k", "--model", smol.name, "--algorithms", "best-of-n", "--out", "unused"]
+    args = build_parser().parse_args(command)
+    plan = plan_from(args)
+    assert plan.reward == "probe" and plan.identity()["probe_heads"] == [probe_module.head_digest(directory)]
+
+
 # ------------------------------------------------------------------ the command, end to end
 
 

@@ -17,7 +17,7 @@ from itscale.errors import UsageError
 from itscale.lm.base import LanguageModel
 from itscale.lm.models import DEFAULT_MODEL
 from itscale.rewards.base import Reward, close_reward
-from itscale.rewards.registry import DEFAULT_REWARD, make_reward
+from itscale.rewards.registry import default_reward, make_reward
 from itscale.search import make_algorithm
 from itscale.search.population import Run
 from itscale.search.settings import SearchSettings
@@ -50,7 +50,7 @@ async def asolve(
     algorithm: str = "particle-filter",
     *,
     lm: LanguageModel,
-    reward: Reward | str | None = DEFAULT_REWARD,
+    reward: Reward | str | None = None,
     judge_model: Any = None,
     settings: SearchSettings | None = None,
     algorithm_options: dict[str, Any] | None = None,
@@ -59,7 +59,9 @@ async def asolve(
     stream: Callable[[str], None] | None = None,
     **setting_values: Any,
 ) -> Result:
-    """Solves one problem on an open model. `setting_values` are SearchSettings fields;
+    """Solves one problem on an open model. `reward` None is the model's default
+    (`default_reward`: a shipped learned head where its card says it beat the heuristic, else
+    DEFAULT_REWARD). `setting_values` are SearchSettings fields;
     `observer`, `trace` and `stream` are `Search.run`'s."""
     search = make_algorithm(algorithm, **(algorithm_options or {}))
     unknown = set(setting_values) - set(SearchSettings.field_names())
@@ -68,6 +70,8 @@ async def asolve(
             f"unknown setting(s) {', '.join(sorted(unknown))}: use {', '.join(SearchSettings.field_names())}"
         )
     settings = (settings or SearchSettings()).replace(**setting_values)
+    if reward is None:
+        reward = default_reward(lm, judge_model)
     if not isinstance(reward, str):
         return await search.run(lm, problem, settings, reward=reward, observer=observer, trace=trace, stream=stream)
     made = make_reward(reward, lm, judge_model) if search.uses_reward else None
@@ -84,7 +88,7 @@ def solve(
     model: str = DEFAULT_MODEL,
     backend_url: str | None = None,
     backend_model: str | None = None,
-    reward: Reward | str | None = DEFAULT_REWARD,
+    reward: Reward | str | None = None,
     algorithm_options: dict[str, Any] | None = None,
     **setting_values: Any,
 ) -> Result:

@@ -122,7 +122,10 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     from itscale.rewards.registry import DEFAULT_REWARD
 
     parser.add_argument(
-        "--reward", default=None, help=f"reward spec (default {DEFAULT_REWARD!r}; see `itscale rewards`)"
+        "--reward",
+        default=None,
+        help=f"reward spec (default: the model's shipped probe head where its card makes it the default, "
+        f"else {DEFAULT_REWARD!r}; see `itscale rewards`)",
     )
     parser.add_argument(
         "--judge-model", default=None, help="embedded model for judge rewards when the generator is a server"
@@ -218,7 +221,6 @@ def _models() -> int:
 
 async def _solve(args: argparse.Namespace) -> int:
     from itscale.api import asolve
-    from itscale.rewards.registry import DEFAULT_REWARD
     from itscale.search import make_algorithm
 
     if not args.problem.strip():
@@ -236,7 +238,7 @@ async def _solve(args: argparse.Namespace) -> int:
                 args.problem,
                 args.algorithm,
                 lm=lm,
-                reward=args.reward or DEFAULT_REWARD,
+                reward=args.reward,  # None: the model's default (default_reward)
                 judge_model=judge,
                 settings=settings,
                 algorithm_options=options,

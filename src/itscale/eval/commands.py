@@ -91,7 +91,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     """The plan the arguments describe; raises UsageError for anything wrong in them."""
     from itscale.cli import backend_from, parse_options, settings_from
     from itscale.eval.runner import reward_factors
-    from itscale.rewards.registry import DEFAULT_REWARD, reward_names
+    from itscale.rewards.registry import default_reward_for, reward_names
 
     if args.budget is not None or args.seed is not None:
         raise UsageError("itscale eval takes --budgets and --seeds (lists), not --budget or --seed")
@@ -105,13 +105,14 @@ def plan_from(args: argparse.Namespace) -> Plan:
     budgets = parse_budgets(args.budgets)
     seeds = parse_seeds(args.seeds)
     options = split_options(args.option, algorithms, parse_options)
-    reward = args.reward or DEFAULT_REWARD
+    backend = backend_from(args)
+    reward = args.reward or default_reward_for(backend.judge_model if backend.backend_url else backend.model)
     unknown = [name for name in reward_factors(reward) if name not in reward_names()]
     if unknown:
         raise UsageError(f"unknown reward {unknown[0]!r} in --reward: use one of {', '.join(reward_names())}")
     settings = settings_from(args)
     dataset = load_dataset(args.dataset, args.data_dir)
-    return Plan(dataset, algorithms, budgets, seeds, settings, reward, backend_from(args), options, args.limit)
+    return Plan(dataset, algorithms, budgets, seeds, settings, reward, backend, options, args.limit)
 
 
 def command_line(args: argparse.Namespace, command: str = "eval") -> list[str]:

@@ -33,12 +33,17 @@ def default_reward(lm: Any, judge_model: Any = None) -> str:
     for the embedded model and its card says it beat the heuristic (`"default": true`, set
     from the measurements in docs/rewards.md), else `DEFAULT_REWARD`."""
     from itscale.lm.llamacpp import LlamaCppModel
-    from itscale.rewards.probe import read_card, shipped_head
 
     model = lm if isinstance(lm, LlamaCppModel) else judge_model
-    if not isinstance(model, LlamaCppModel):
-        return DEFAULT_REWARD
-    head = shipped_head(model.name)
+    return default_reward_for(model.name if isinstance(model, LlamaCppModel) else None)
+
+
+def default_reward_for(embedded_model: str | None) -> str:
+    """`default_reward` by the embedded model's name, before any model is opened (an
+    evaluation's plan): None when the generator is a server without an embedded judge."""
+    from itscale.rewards.probe import read_card, shipped_head
+
+    head = shipped_head(embedded_model) if embedded_model else None
     if head is None or not read_card(head).get("default"):
         return DEFAULT_REWARD
     return "probe"
