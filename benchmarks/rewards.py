@@ -152,6 +152,8 @@ PRODUCTS = [
     "arithmetic * llm-judge",
     "arithmetic * self-certainty * llm-judge",
     "probe * arithmetic",
+    "probe * self-certainty",
+    "probe * arithmetic * self-certainty",
 ]
 AGGREGATION_NAMES = ("last", "min", "prod", "mean", "model")
 
@@ -199,8 +201,10 @@ def requests_for(problem: dict, record: dict) -> tuple[list, list[tuple[int, int
 async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | None = None, probe=None) -> dict:
     """Scores per reward: {problem id: {"steps": [[...] per particle], "model": [...],
     "seconds", "tokens", "scored"}}, cached per reward (the probe: per head) and problem."""
+    from itscale.rewards.probe import shipped_head
     from itscale.rewards.registry import make_reward
 
+    probe = probe or shipped_head(GENERATOR)  # scores are kept by the head file's digest either way
     scores = {}
     for spec, limit in MEASURED:
         # A head's scores are cached by the head's own bytes: a head trained again is scored again.
