@@ -46,7 +46,7 @@ def load(samples: int) -> tuple[list[dict], dict]:
 
 def main() -> None:
     from itscale.rewards.training import auroc
-    from itscale.search.allocation import BudgetPolicy, answer_classes, level_of, vote_is_right
+    from itscale.search.allocation import BudgetPolicy, answer_classes, level_of, value_level, vote_is_right
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", required=True, help="a policy file from itscale fit-budget-policy")
@@ -60,6 +60,9 @@ def main() -> None:
     policy = BudgetPolicy.load(args.policy)
     problems, cached = load(args.samples)
     b0 = policy.first_batch
+    # A value policy's levels: the first batch's mean value after the first step, by the
+    # policy's own head as the rewards benchmark scored these samples with it.
+    values = probe_scores(policy.card["head_sha256"][:12]) if policy.value_edges is not None else None
     rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     per_problem = []
     for problem in problems:
@@ -67,7 +70,11 @@ def main() -> None:
         classes = answer_classes([p["answer"] for p in particles])
         right = [bool(p["correct"]) for p in particles]
         tokens = np.cumsum([sum(s["tokens"] for s in p["steps"]) for p in particles])
-        per_problem.append((classes, right, tokens, level_of(classes[:b0])))
+        if values is None:
+            level = level_of(classes[:b0])
+        else:
+            level = value_level(float(np.mean([s[0] for s in values[problem["id"]]["steps"][:b0]])), policy.value_edges)
+        per_problem.append((classes, right, tokens, level))
 
     def record(name: str, budgets: list[int]) -> None:
         correct = np.array([vote_is_right(c[:b], r[:b]) for (c, r, _, _), b in zip(per_problem, budgets, strict=True)])
@@ -99,11 +106,19 @@ def main() -> None:
     scores, wrong = [], []
     for _, right, _, level in per_problem:
         for j in range(b0, len(right)):
-            scores.append(b0 - level)
+            scores.append(-level)  # a higher level is an easier problem, for both kinds
             wrong.append(not right[j])
     print(f"\nthe level (first {b0} samples) predicts that a later sample is wrong: AUROC {auroc(scores, wrong):.3f}")
     if args.probe:
         difficulty_table(problems, cached, per_problem, b0, Path(args.probe))
+
+
+def probe_scores(digest: str) -> dict:
+    """The rewards benchmark's cached scores of a head (by the first 12 hex digits of its sha256)."""
+    path = CACHE / f"scores-probe-{digest}.json"
+    if not path.exists():
+        sys.exit(f"no probe scores at {path}: run benchmarks/rewards.py --probe HEAD --rewards probe with the head")
+    return json.loads(path.read_text())
 
 
 def difficulty_table(problems: list[dict], cached: dict, per_problem: list, b0: int, probe: Path) -> None:
@@ -115,10 +130,7 @@ def difficulty_table(problems: list[dict], cached: dict, per_problem: list, b0: 
     from itscale.rewards.training import auroc
     from rewards import _file_digest
 
-    scores_path = CACHE / f"scores-probe-{_file_digest(probe / 'head.npz')}.json"
-    if not scores_path.exists():
-        sys.exit(f"no probe scores at {scores_path}: run benchmarks/rewards.py --probe {probe} --rewards probe first")
-    values = json.loads(scores_path.read_text())
+    values = probe_scores(_file_digest(probe / "head.npz"))
     greedy = {}
     for line in STUDY.read_text().splitlines():
         record = json.loads(line)

@@ -17,7 +17,14 @@ from itscale.answers import is_equivalent, majority
 from itscale.errors import UsageError
 from itscale.rewards.training import rollout_dir
 from itscale.search import make_algorithm
-from itscale.search.allocation import BudgetPolicy, answer_classes, difficulty_level, fit_policy, vote_is_right
+from itscale.search.allocation import (
+    BudgetPolicy,
+    answer_classes,
+    difficulty_level,
+    fit_policy,
+    value_level,
+    vote_is_right,
+)
 
 GENERATOR = {"name": "toy", "gguf_sha256": "ab" * 32, "n_embd": 4}
 
@@ -85,6 +92,29 @@ def test_a_policy_spends_on_problems_where_more_samples_help() -> None:
         policy.allocate(1)
 
 
+def test_a_value_policy_levels_problems_by_the_first_batch_value(tmp_path) -> None:
+    """With values after the first step (high on the easy problems, low on the hopeless ones,
+    between on the contested), the value levels find the three kinds, and the policy spends
+    where more samples help, as the agreement policy does."""
+    records = three_kinds_of_problem()
+    by_kind = [0.9] * 4 + [0.1] * 4 + [0.5] * 4
+    rng = random.Random(2)
+    first_values = [[v + rng.uniform(-0.05, 0.05) for _ in r["samples"]] for v, r in zip(by_kind, records, strict=True)]
+    policy = fit_policy(records, GENERATOR, first_batch=2, orders=50, seed=1, first_values=first_values)
+    assert policy.levels == 3 and len(policy.value_edges) == 2
+    assert [value_level(v, policy.value_edges) for v in (0.1, 0.5, 0.9)] == [0, 1, 2]
+    assert policy.frequency == pytest.approx([1 / 3] * 3)
+    assert policy.accuracy[0] == [0.0, 0.0, 0.0] and policy.accuracy[2] == [1.0, 1.0, 1.0]
+    assert policy.accuracy[1][0] < policy.accuracy[1][2]
+    assert policy.allocate(3) == [2, 4, 2]
+    assert policy.card["difficulty_auroc"] > 0.8
+    path = tmp_path / "value.json"
+    policy.save(path)
+    again = BudgetPolicy.load(path)
+    assert again.value_edges == policy.value_edges and again.allocate(3) == [2, 4, 2]
+    assert json.loads(path.read_text())["difficulty"].startswith("value")
+
+
 def test_a_policy_file_round_trips_and_bad_files_are_refused(tmp_path) -> None:
     policy = fit_policy(three_kinds_of_problem(), GENERATOR, first_batch=2, orders=10)
     path = tmp_path / "policy.json"
@@ -147,6 +177,56 @@ async def test_a_policy_for_another_generator_is_refused_before_any_compute(smol
     assert smol.stats["decode_calls"] == calls_before
 
 
+async def test_compute_optimal_reads_a_value_level_from_the_head_it_was_fitted_with(smol, tmp_path) -> None:
+    """A value policy's level comes from the probe's value after each first-batch sample's
+    first step; the head must be the policy's own, checked before any compute."""
+    import math
+
+    import numpy as np
+
+    from itscale.rewards.probe import ValueHead, head_digest
+
+    head = tmp_path / "head"
+    head.mkdir()
+    d = smol.n_embd
+    bias = np.float32(math.log(0.3 / 0.7))  # says 0.3 whatever the state: the middle level below
+    ValueHead("linear", np.zeros(d, np.float32), np.ones(d, np.float32), (np.zeros(d, np.float32), bias)).save(
+        head / "head.npz"
+    )
+    (head / "card.json").write_text(
+        json.dumps({"format": 1, "generator": {"name": smol.name, "gguf_sha256": smol.sha256}})
+    )
+    policy = BudgetPolicy(
+        generator={"name": smol.name, "gguf_sha256": smol.sha256},
+        first_batch=2,
+        budgets=[2, 4],
+        frequency=[1 / 3] * 3,
+        accuracy=[[0.0, 0.0], [0.2, 0.6], [0.9, 0.9]],
+        card={"head_sha256": head_digest(head)},
+        value_edges=[0.1, 0.5],
+    )
+    policy.save(tmp_path / "policy.json")
+    search = make_algorithm("compute-optimal", policy=str(tmp_path / "policy.json"), head=str(head))
+    result = await search.run(smol, "What is 2 + 3?", budget=3, seed=0, max_tokens=24, max_step_tokens=12)
+    assert result.diagnostics["difficulty_level"] == 1
+    assert result.diagnostics["allocation"] == [2, 4, 2]
+    assert result.diagnostics["samples_used"] == 4 == len(result.particles)
+    assert result.usage.reward_tokens == 0  # the first steps' states came with generation
+
+    other = tmp_path / "other"
+    other.mkdir()
+    ValueHead("linear", np.zeros(d, np.float32), np.ones(d, np.float32), (np.ones(d, np.float32), bias)).save(
+        other / "head.npz"
+    )
+    (other / "card.json").write_text((head / "card.json").read_text())
+    calls_before = smol.stats["decode_calls"]
+    with pytest.raises(UsageError, match="reads difficulty from the learned head with sha256"):
+        await make_algorithm("compute-optimal", policy=str(tmp_path / "policy.json"), head=str(other)).run(
+            smol, "What is 2 + 3?", budget=3
+        )
+    assert smol.stats["decode_calls"] == calls_before
+
+
 def itscale(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "itscale.cli", *args], capture_output=True, text=True, timeout=600)
 
@@ -162,6 +242,16 @@ def test_fit_budget_policy_from_train_reward_rollouts(tmp_path) -> None:
     assert "12 problems x 6 samples" in done.stdout and "auto:4" in done.stdout
     policy = BudgetPolicy.load(out)
     assert policy.generator == GENERATOR and policy.card["command"][:2] == ["itscale", "fit-budget-policy"]
+    # Value difficulty needs a head for the rollouts' model; --head alone means nothing.
+    rollouts = ["--rollouts", str(tmp_path / "rollouts"), "--out", str(tmp_path / "v.json")]
+    for args, message in (
+        (["--difficulty", "value"], "no head is shipped for toy"),
+        (["--head", str(tmp_path)], "--head goes with --difficulty value"),
+        (["--difficulty", "value", "--folds", "1"], "must be at least 2"),
+    ):
+        done = itscale("fit-budget-policy", *rollouts, *args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    assert not (tmp_path / "v.json").exists()
     # A test split is refused; so is a directory without rollouts.
     identity["dataset"]["source"] = "/data/gsm8k_test.jsonl"
     test_dir = rollout_dir(tmp_path / "test-rollouts")

@@ -414,6 +414,20 @@ def test_train_reward_end_to_end_resumes_after_a_kill(smol, tmp_path) -> None:
     )
     assert again.returncode == 0, again.stderr
     assert (out / "head.npz").read_bytes() == first
+    # A compute-optimal policy whose difficulty is this head's value after the first step,
+    # from values of heads trained like it on the other folds.
+    from itscale.rewards.probe import head_digest
+
+    policy_file = tmp_path / "value-policy.json"
+    fitted = subprocess.run(
+        [sys.executable, "-m", "itscale.cli", "fit-budget-policy", "--rollouts", str(out), "--out", str(policy_file),
+         "--difficulty", "value", "--head", str(out), "--folds", "2", "--first-batch", "1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    policy = json.loads(policy_file.read_text())
+    assert policy["difficulty"].startswith("value") and len(policy["value_edges"]) == 2
+    assert policy["head_sha256"] == head_digest(out) and policy["budgets"] == [1, 2]
     # A layer the rollouts were not sampled with is evaluated from their text, once, into a
     # file of its own; the head reads it, and the probe turns it on in the engine.
     layered = tmp_path / "layered"

@@ -405,9 +405,48 @@ def add_policy_command(subparsers: Any) -> None:
     parser.add_argument("--orders", type=int, default=24, help="random orders of each problem's samples (default 24)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--difficulty",
+        choices=["agreement", "value"],
+        default="agreement",
+        help="agreement of the first batch (default), or a learned head's mean value after its first steps",
+    )
+    parser.add_argument("--head", help="with --difficulty value: the head (default: the one shipped for the model)")
+    parser.add_argument("--value-levels", type=int, default=3, help="with --difficulty value: levels (default 3)")
+    parser.add_argument(
+        "--folds", type=int, default=5, help="with --difficulty value: folds of the out-of-fold values (default 5)"
+    )
+    parser.add_argument(
         "--allow-test-split", action="store_true", help="fit on rollouts of a *_test file (refused by default)"
     )
     parser.set_defaults(handler=_fit_policy, parser=parser)
+
+
+def _first_values(args: argparse.Namespace, directory: Any, records: list, generator: dict) -> tuple[list, str]:
+    """Out-of-fold values after each sample's first step, by heads trained like the chosen
+    one, and the chosen head's sha256 (the policy reads its values at run time)."""
+    from pathlib import Path
+
+    from itscale.errors import UsageError
+    from itscale.rewards.probe import card_layers, head_digest, read_card, shipped_head
+    from itscale.rewards.training import card_settings, out_of_fold_first_values, with_layers
+
+    if args.value_levels < 2 or args.folds < 2:
+        raise UsageError(f"--value-levels and --folds must be at least 2, got {args.value_levels} and {args.folds}")
+    head = Path(args.head) if args.head else shipped_head(generator["name"])
+    if head is None:
+        raise UsageError(f"no head is shipped for {generator['name']}: pass --head DIR (from itscale train-reward)")
+    card = read_card(head)
+    if card["generator"].get("gguf_sha256") != generator["gguf_sha256"]:
+        raise UsageError(f"the head in {head} was trained for another model than these rollouts: pass its own head")
+    layers = card_layers(card)
+    records, missing = with_layers(records, directory, layers)
+    if missing:
+        raise UsageError(
+            f"{len(missing)} problems' rollouts lack the features of layer(s) {', '.join(layers)}: "
+            f"run itscale train-reward --rollouts {args.rollouts} --layers {','.join(layers)} first"
+        )
+    values = out_of_fold_first_values(records, generator["n_embd"], layers, card_settings(card), args.folds)
+    return values, head_digest(head)
 
 
 def _fit_policy(args: argparse.Namespace) -> int:
@@ -429,7 +468,16 @@ def _fit_policy(args: argparse.Namespace) -> int:
     if Path(source).stem.endswith("_test") and not args.allow_test_split:
         raise UsageError(f"the rollouts in {args.rollouts} come from a test split ({source}): fit on training data")
     records = list(directory.results.load(repair=False).values())
-    policy = fit_policy(records, identity["generator"], args.first_batch, args.orders, args.seed)
+    first_values, head_sha = None, None
+    if args.difficulty == "value":
+        first_values, head_sha = _first_values(args, directory, records, identity["generator"])
+    elif args.head is not None:
+        raise UsageError("--head goes with --difficulty value")
+    policy = fit_policy(
+        records, identity["generator"], args.first_batch, args.orders, args.seed, first_values, args.value_levels
+    )
+    if head_sha is not None:
+        policy.card["head_sha256"] = head_sha
     command = command_line(args, "fit-budget-policy")
     policy.card.update({"data": {"rollouts": str(args.rollouts), "dataset": source}, "command": command})
     policy.save(args.out)
@@ -437,6 +485,9 @@ def _fit_policy(args: argparse.Namespace) -> int:
         f"budget policy from {len(records)} problems x {policy.card['samples_per_problem']} samples, "
         f"first batch {policy.first_batch}, budgets {policy.budgets}; written to {args.out}"
     )
+    if policy.value_edges is not None:
+        edges = ", ".join(f"{e:.3f}" for e in policy.value_edges)
+        print(f"  difficulty: the head's mean value after the first step, levels split at {edges}")
     difficulty = policy.card["difficulty_auroc"]
     if difficulty is not None:
         print(f"  the level predicts that one more sample is wrong with AUROC {difficulty:.3f}")

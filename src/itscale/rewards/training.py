@@ -579,6 +579,34 @@ def _gradients(
     return [x.T @ d_hidden, d_hidden.sum(axis=0), hidden.T @ dz, dz.sum(axis=0)]
 
 
+def out_of_fold_first_values(
+    records: Sequence[dict[str, Any]], n_embd: int, layers: Sequence[str], settings: TrainSettings, folds: int = 5
+) -> list[list[float]]:
+    """Per record, per sample: the value after the sample's first step by a head trained (with
+    `settings`) on the other folds' problems, so that no value comes from a head that saw its
+    own label: what a difficulty estimate fitted on these records will meet on new problems."""
+    if len(records) < 2 * folds:
+        raise UsageError(f"{len(records)} problems are too few for {folds} folds: sample more problems")
+    fold_of = np.random.default_rng(settings.seed).permutation(len(records)) % folds
+    values: list[list[float]] = [[] for _ in records]
+    for f in range(folds):
+        train_records = [r for i, r in enumerate(records) if fold_of[i] != f]
+        head, _ = train(examples_from(train_records, n_embd, "outcome", layers), len(train_records), settings)
+        for i in np.flatnonzero(fold_of == f):
+            rows = [
+                np.concatenate([decode_features(sample_layers(s)[layer], n_embd)[0] for layer in layers])
+                for s in records[i]["samples"]
+            ]
+            values[i] = [float(v) for v in head.predict(np.stack(rows))]
+    return values
+
+
+def card_settings(card: dict[str, Any]) -> TrainSettings:
+    """The training settings a head's card records (defaults for what an older card lacks)."""
+    recorded = card.get("training", {})
+    return TrainSettings(**{k: recorded[k] for k in TrainSettings.__dataclass_fields__ if k in recorded})
+
+
 # ------------------------------------------------------------------------------ the head on disk
 
 

@@ -6,6 +6,13 @@ problem is read off a small first batch of samples at no extra cost, since the b
 kept: the vote share of its leading answer (0 when no sample has an answer). With a first
 batch of b0 samples that share takes at most b0 + 1 values, the *levels*.
 
+Where a learned value head exists for the generator, the difficulty can instead be read from
+it (`difficulty="value"`): the mean, over the first batch, of the head's value after each
+sample's first step, binned into levels by edges fitted on training problems (level 0: the
+lowest values, the hardest problems). It predicts failure better than agreement does on this
+project's GSM8K measurements (docs/results/README.md) and costs one step of each first-batch
+sample before the level is known, which the batch has anyway.
+
 A `BudgetPolicy` holds, for each level, how often problems fall in it and the accuracy of
 the majority vote over b samples for every budget b it knows, measured on training problems
 (`fit_policy`, from the rollouts `itscale train-reward` samples: K graded samples per
@@ -21,10 +28,12 @@ command that made it; it belongs to one generator (its GGUF sha256).
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import itertools
 import json
 import random
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +57,12 @@ def level_of(classes: Sequence[int | None]) -> int:
     """How many of these answer classes are the most frequent one (0: no answer at all)."""
     answered = [c for c in classes if c is not None]
     return max((answered.count(c) for c in set(answered)), default=0)
+
+
+def value_level(mean_value: float, edges: Sequence[float]) -> int:
+    """The level of a first batch by its mean learned value after each sample's first step:
+    how many of the policy's `edges` it reaches (0: the lowest values, the hardest)."""
+    return bisect.bisect_right(list(edges), mean_value)
 
 
 def answer_classes(answers: Sequence[str | None]) -> list[int | None]:
@@ -84,8 +99,11 @@ def vote_is_right(classes: Sequence[int | None], right: Sequence[bool]) -> bool:
 
 @dataclass
 class BudgetPolicy:
-    """Per level (0..first_batch): the share of training problems in it (`frequency`) and
-    the vote's accuracy at each known budget (`accuracy[level][i]` at `budgets[i]`)."""
+    """Per level: the share of training problems in it (`frequency`) and the vote's accuracy
+    at each known budget (`accuracy[level][i]` at `budgets[i]`). The levels are the first
+    batch's agreement (0..first_batch), or, with `value_edges`, its mean learned value after
+    the first step, binned by those edges (0..len(value_edges)); `card["head_sha256"]` then
+    names the head whose values the edges are in."""
 
     generator: dict[str, Any]
     first_batch: int
@@ -93,9 +111,14 @@ class BudgetPolicy:
     frequency: list[float]
     accuracy: list[list[float]]
     card: dict[str, Any] = field(default_factory=dict)
+    value_edges: list[float] | None = None
+
+    @property
+    def levels(self) -> int:
+        return len(self.value_edges) + 1 if self.value_edges is not None else self.first_batch + 1
 
     def __post_init__(self) -> None:
-        levels = self.first_batch + 1
+        levels = self.levels
         if (
             self.first_batch < 1
             or not self.budgets
@@ -116,7 +139,7 @@ class BudgetPolicy:
                 f"budget auto:{mean_budget:g} is below this policy's first batch of {self.first_batch} samples: "
                 f"use a mean budget of at least {self.first_batch}"
             )
-        levels = range(self.first_batch + 1)
+        levels = range(self.levels)
         best: tuple[float, float, tuple[int, ...]] | None = None
         for choice in itertools.product(range(len(self.budgets)), repeat=len(levels)):
             cost = sum(self.frequency[lv] * self.budgets[i] for lv, i in zip(levels, choice, strict=True))
@@ -149,10 +172,18 @@ class BudgetPolicy:
             )
 
     def to_json(self) -> dict[str, Any]:
+        if self.value_edges is None:
+            difficulty = "agreement of the first batch: samples giving its leading answer (level 0: none answered)"
+        else:
+            difficulty = (
+                "value: the first batch's mean learned value after the first step, binned by value_edges "
+                "(level 0: the lowest values); the head is card head_sha256"
+            )
         return {
             "format": FORMAT,
             "generator": self.generator,
-            "difficulty": "agreement of the first batch: samples giving its leading answer (level 0: none answered)",
+            "difficulty": difficulty,
+            **({"value_edges": self.value_edges} if self.value_edges is not None else {}),
             "selection": "majority vote",
             "first_batch": self.first_batch,
             "budgets": self.budgets,
@@ -185,7 +216,12 @@ class BudgetPolicy:
         try:
             return cls(
                 **{k: data[k] for k in known},
-                card={k: v for k, v in data.items() if k not in known | {"format", "difficulty", "selection"}},
+                value_edges=data.get("value_edges"),
+                card={
+                    k: v
+                    for k, v in data.items()
+                    if k not in known | {"format", "difficulty", "selection", "value_edges"}
+                },
             )
         except (KeyError, TypeError) as error:
             raise UsageError(f"the budget policy {path} is incomplete ({error}): fit it again") from None
@@ -203,39 +239,56 @@ def fit_policy(
     first_batch: int = 2,
     orders: int = 24,
     seed: int = 0,
+    first_values: Sequence[Sequence[float]] | None = None,
+    value_levels: int = 3,
 ) -> BudgetPolicy:
     """A policy from graded samples: `records` as `itscale train-reward` writes them (per
     problem, "samples" with "answer" and "correct"). Every problem's K samples are taken in
     `orders` random orders; each order's first `first_batch` samples set the level, and the
     vote over its first b samples is scored for every known budget b (b0, the powers of two
-    between, and K). Levels seen in no order keep the mean accuracy of all problems."""
+    between, and K). Levels seen in no order keep the mean accuracy of all problems.
+
+    With `first_values` (per record, per sample: a learned head's value after the sample's
+    first step, from a head that did not train on that record), the level is the first
+    batch's mean value, binned into `value_levels` levels at the quantiles of those means."""
     sizes = {len(r["samples"]) for r in records}
     if not records:
         raise UsageError("no sampled problems to fit a budget policy on: sample with `itscale train-reward` first")
     k = min(sizes)
     if first_batch < 1 or first_batch >= k:
         raise UsageError(f"--first-batch must be between 1 and {k - 1} (the problems have {k} samples each)")
+    if first_values is not None and value_levels < 2:
+        raise UsageError(f"--value-levels must be at least 2, got {value_levels}")
     budgets = sorted({first_batch, k, *(2**i for i in range(10) if first_batch < 2**i < k)})
-    levels = first_batch + 1
-    counts = [0] * levels
-    right = [[0] * len(budgets) for _ in range(levels)]
-    overall = [0] * len(budgets)
     rng = random.Random(seed)
-    for record in records:
+    # Every (problem, order): its answer classes and verdicts in that order, and the first
+    # batch's mean value when values are given.
+    instances: list[tuple[list[int | None], list[bool], float | None]] = []
+    for r, record in enumerate(records):
         samples = record["samples"][:k]
         classes = answer_classes([s["answer"] for s in samples])
         correct = [bool(s["correct"]) for s in samples]
         for _ in range(orders):
             order = list(range(k))
             rng.shuffle(order)
-            c = [classes[i] for i in order]
-            r = [correct[i] for i in order]
-            level = level_of(c[:first_batch])
-            counts[level] += 1
-            for j, b in enumerate(budgets):
-                hit = vote_is_right(c[:b], r[:b])
-                right[level][j] += hit
-                overall[j] += hit
+            values = first_values[r] if first_values is not None else None
+            mean = statistics.fmean(values[i] for i in order[:first_batch]) if values is not None else None
+            instances.append(([classes[i] for i in order], [correct[i] for i in order], mean))
+    edges = None
+    if first_values is not None:
+        means = sorted(m for *_, m in instances if m is not None)
+        edges = [means[len(means) * j // value_levels] for j in range(1, value_levels)]
+    levels = len(edges) + 1 if edges is not None else first_batch + 1
+    counts = [0] * levels
+    right = [[0] * len(budgets) for _ in range(levels)]
+    overall = [0] * len(budgets)
+    for c, r, mean in instances:
+        level = value_level(mean, edges) if edges is not None else level_of(c[:first_batch])
+        counts[level] += 1
+        for j, b in enumerate(budgets):
+            hit = vote_is_right(c[:b], r[:b])
+            right[level][j] += hit
+            overall[j] += hit
     total = sum(counts)
     accuracy = [
         [right[lv][j] / counts[lv] if counts[lv] else overall[j] / total for j in range(len(budgets))]
@@ -247,29 +300,35 @@ def fit_policy(
         budgets=budgets,
         frequency=[c / total for c in counts],
         accuracy=accuracy,
+        value_edges=edges,
         card={
             "problems": len(records),
             "samples_per_problem": k,
             "orders": orders,
             "seed": seed,
-            "difficulty_auroc": difficulty_auroc(records, first_batch, orders, seed),
+            "difficulty_auroc": difficulty_auroc(records, first_batch, orders, seed, first_values),
             "date": datetime.date.today().isoformat(),
         },
     )
 
 
 def difficulty_auroc(
-    records: Sequence[dict[str, Any]], first_batch: int, orders: int = 24, seed: int = 0
+    records: Sequence[dict[str, Any]],
+    first_batch: int,
+    orders: int = 24,
+    seed: int = 0,
+    first_values: Sequence[Sequence[float]] | None = None,
 ) -> float | None:
-    """How well the level predicts that one more sample is wrong (as greedy decoding would be
-    on a hard problem): AUROC of (first_batch - level) against "sample first_batch + 1 is
-    wrong", over `orders` random orders of each problem's samples. 0.5 is no better than
+    """How well the difficulty predicts that one more sample is wrong (as greedy decoding
+    would be on a hard problem): AUROC of (first_batch - agreement level), or of minus the
+    first batch's mean value when `first_values` are given, against "sample first_batch + 1
+    is wrong", over `orders` random orders of each problem's samples. 0.5 is no better than
     chance; None when every such sample is right, or every one wrong."""
     from itscale.rewards.training import auroc
 
     rng = random.Random(seed)
     scores, wrong = [], []
-    for record in records:
+    for r, record in enumerate(records):
         samples = record["samples"]
         if len(samples) <= first_batch:
             continue
@@ -277,7 +336,9 @@ def difficulty_auroc(
         for _ in range(orders):
             order = list(range(len(samples)))
             rng.shuffle(order)
-            level = level_of([classes[i] for i in order[:first_batch]])
-            scores.append(first_batch - level)
+            if first_values is not None:
+                scores.append(-statistics.fmean(first_values[r][i] for i in order[:first_batch]))
+            else:
+                scores.append(first_batch - level_of([classes[i] for i in order[:first_batch]]))
             wrong.append(not samples[order[first_batch]]["correct"])
     return auroc(scores, wrong)

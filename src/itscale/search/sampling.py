@@ -22,7 +22,7 @@ from typing import Any
 from itscale.answers import is_equivalent
 from itscale.errors import UsageError
 from itscale.lm.base import StepSettings
-from itscale.search.allocation import BudgetPolicy, difficulty_level, shipped_policy
+from itscale.search.allocation import BudgetPolicy, difficulty_level, shipped_policy, value_level
 from itscale.search.base import Pick, Search, vote
 from itscale.search.population import Run
 from itscale.search.settings import SearchSettings
@@ -55,6 +55,20 @@ class SelfConsistency(Search):
     uses_reward = False
     score_each_step = False
     reuses_samples = True
+
+    @staticmethod
+    async def _first_step_value(run: Run, probe: Any, samples: Sequence[Particle]) -> float:
+        """The mean of the probe's value after each sample's first step (its features came
+        with generation, so this costs a dot product)."""
+        from itscale.rewards.base import ScoreRequest
+
+        requests = [ScoreRequest(run.prompt, (p.steps[0].text,), records=(p.steps[0],)) for p in samples if p.steps]
+        if not requests:
+            return 0.0  # nothing generated: the hardest level
+        scores = await probe.score(requests)
+        run.usage.reward_tokens += scores.tokens
+        run.usage.reward_calls += 1
+        return sum(scores.values) / len(scores.values)
 
     async def finalise(self, run: Run) -> None:
         pass
@@ -164,6 +178,20 @@ class AdaptiveSelfConsistency(Search):
         )
         return self.choose(run)
 
+    @staticmethod
+    async def _first_step_value(run: Run, probe: Any, samples: Sequence[Particle]) -> float:
+        """The mean of the probe's value after each sample's first step (its features came
+        with generation, so this costs a dot product)."""
+        from itscale.rewards.base import ScoreRequest
+
+        requests = [ScoreRequest(run.prompt, (p.steps[0].text,), records=(p.steps[0],)) for p in samples if p.steps]
+        if not requests:
+            return 0.0  # nothing generated: the hardest level
+        scores = await probe.score(requests)
+        run.usage.reward_tokens += scores.tokens
+        run.usage.reward_calls += 1
+        return sum(scores.values) / len(scores.values)
+
     async def finalise(self, run: Run) -> None:
         pass
 
@@ -180,19 +208,23 @@ class ComputeOptimal(Search):
     hopeless ones, where more samples did not help on the training problems, do not.
 
     `policy`: a policy file (`itscale fit-budget-policy`); by default the one shipped for
-    the generator. The result reports the level, the budget chosen and the allocation."""
+    the generator. A policy whose difficulty is the learned value reads it from the head it
+    was fitted with: `head`, a head directory, by default the one shipped for the generator
+    (its weights must be the policy's). The result reports the level, the budget chosen and
+    the allocation."""
 
     name = "compute-optimal"
     independent_rollouts = True
     uses_reward = False
     score_each_step = False
 
-    def __init__(self, policy: str | None = None):
+    def __init__(self, policy: str | None = None, head: str | None = None):
         super().__init__()
         self.policy_path = policy
+        self.head_path = head
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "policy": self.policy_path}
+        return {**super().describe(), "policy": self.policy_path, "head": self.head_path}
 
     def load_policy(self, lm: Any) -> BudgetPolicy:
         path = self.policy_path or shipped_policy(getattr(lm, "name", ""))
@@ -205,13 +237,32 @@ class ComputeOptimal(Search):
         policy.check_generator(lm)
         return policy
 
+    def value_reward(self, lm: Any, policy: BudgetPolicy) -> Any:
+        """The probe whose values the policy's levels are in (before any generation: it turns
+        the engine's features on)."""
+        from itscale.rewards.probe import ProbeReward, head_digest, shipped_head
+
+        path = self.head_path or shipped_head(getattr(lm, "name", ""))
+        wanted = policy.card.get("head_sha256")
+        if path is None or head_digest(path) != wanted:
+            where = f"the head in {path} is another" if path is not None else "no head is shipped for this model"
+            raise UsageError(
+                f"this budget policy reads difficulty from the learned head with sha256 {str(wanted)[:12]}…, and "
+                f"{where}: pass that head with --option head=DIR, or fit the policy again for this head"
+            )
+        return ProbeReward(lm, path)
+
     async def search(self, run: Run) -> Result:
         policy = self.load_policy(run.lm)
         allocation = policy.allocate(run.settings.budget)
+        probe = self.value_reward(run.lm, policy) if policy.value_edges is not None else None
         run.particles = await run.start(policy.first_batch)
         await run.loop()
         samples = list(run.particles)
-        level = difficulty_level([p.answer for p in samples], policy.first_batch)
+        if probe is None:
+            level = difficulty_level([p.answer for p in samples], policy.first_batch)
+        else:
+            level = value_level(await self._first_step_value(run, probe, samples), policy.value_edges)
         target = allocation[level]
         if target > len(samples) and not run.budget_spent():
             run.particles = await run.start(target - len(samples))
@@ -220,6 +271,20 @@ class ComputeOptimal(Search):
         run.particles = samples
         run.diagnostics.update({"difficulty_level": level, "samples_used": len(samples), "allocation": allocation})
         return self.choose(run)
+
+    @staticmethod
+    async def _first_step_value(run: Run, probe: Any, samples: Sequence[Particle]) -> float:
+        """The mean of the probe's value after each sample's first step (its features came
+        with generation, so this costs a dot product)."""
+        from itscale.rewards.base import ScoreRequest
+
+        requests = [ScoreRequest(run.prompt, (p.steps[0].text,), records=(p.steps[0],)) for p in samples if p.steps]
+        if not requests:
+            return 0.0  # nothing generated: the hardest level
+        scores = await probe.score(requests)
+        run.usage.reward_tokens += scores.tokens
+        run.usage.reward_calls += 1
+        return sum(scores.values) / len(scores.values)
 
     async def finalise(self, run: Run) -> None:
         pass
