@@ -128,6 +128,7 @@ def difficulty_table(problems: list[dict], cached: dict, per_problem: list, b0: 
     learned value head's mean over the first batch of its value after the first step (one
     step of each sample) and of the whole answers (the whole batch)."""
     from itscale.rewards.training import auroc
+    from itscale.search.allocation import level_of
     from rewards import _file_digest
 
     values = probe_scores(_file_digest(probe / "head.npz"))
@@ -139,13 +140,13 @@ def difficulty_table(problems: list[dict], cached: dict, per_problem: list, b0: 
     estimates: dict[str, list[float]] = {"agreement of the first batch": [], "value after the first step": []}
     estimates["value of the whole answers"] = []
     later_wrong, greedy_wrong, kept = [], [], []
-    for problem, (_, right, _, level) in zip(problems, per_problem, strict=True):
+    for problem, (classes, right, _, _) in zip(problems, per_problem, strict=True):
         if problem["id"] not in values or problem["id"] not in greedy:
             continue
         entry = values[problem["id"]]
         kept.append(problem["id"])
         # Higher means harder, so that every AUROC below is of predicting failure.
-        estimates["agreement of the first batch"].append(b0 - level)
+        estimates["agreement of the first batch"].append(b0 - level_of(classes[:b0]))
         estimates["value after the first step"].append(-float(np.mean([s[0] for s in entry["steps"][:b0]])))
         estimates["value of the whole answers"].append(-float(np.mean(entry["model"][:b0])))
         later_wrong.append(1.0 - float(np.mean(right[b0:])))

@@ -362,6 +362,45 @@ def print_table(title: str, rows: list[dict], base: dict) -> None:
         )
 
 
+def print_paired(problems: list[dict], samples: dict, scores: dict, baseline: str, draws: int = 10_000) -> None:
+    """Every reward against `baseline` (aggregation `model`), paired by problem: the mean
+    difference of within-problem AUROC (over the problems with both right and wrong samples)
+    and of best-of-8 accuracy, with 95% bootstrap intervals over problems."""
+    import numpy as np
+
+    from itscale.rewards.training import auroc
+
+    if baseline not in scores:
+        return
+    ids = [p["id"] for p in problems if p["id"] in samples and p["id"] in scores[baseline]]
+    rng = np.random.default_rng(0)
+
+    def per_problem(spec: str) -> tuple[np.ndarray, np.ndarray]:
+        within, best = [], []
+        for pid in ids:
+            values = particle_scores(scores[spec][pid], "model")
+            correct = [p["correct"] for p in samples[pid]["particles"]]
+            area = auroc(values, correct)
+            within.append(np.nan if area is None else area)
+            best.append(float(correct[max(range(len(values)), key=lambda i: values[i])]))
+        return np.array(within), np.array(best)
+
+    def interval(difference: np.ndarray) -> str:
+        picks = rng.integers(0, len(difference), size=(draws, len(difference)))
+        low, high = np.percentile(difference[picks].mean(axis=1), [2.5, 97.5])
+        return f"{difference.mean():+.3f} [{low:+.3f}, {high:+.3f}]"
+
+    base_within, base_best = per_problem(baseline)
+    mixed = ~np.isnan(base_within)
+    print(f"\n### Paired against {baseline} (aggregation model, {len(ids)} problems, {mixed.sum()} mixed)\n")
+    print("| reward | AUROC within: difference [95% CI] | best-of-8: difference [95% CI] |")
+    print("| --- | --- | --- |")
+    for spec in scores:
+        if spec != baseline and all(pid in scores[spec] for pid in ids):  # the judge: 10 problems only
+            within, best = per_problem(spec)
+            print(f"| {spec} | {interval((within - base_within)[mixed])} | {interval(best - base_best)} |")
+
+
 def arithmetic_speed(samples: dict) -> float:
     """Steps per second of the arithmetic verifier alone on every sampled step (no cache)."""
     from itscale.rewards.arithmetic import ArithmeticVerifier, _evaluated_stripped
@@ -430,6 +469,7 @@ async def main(argv: list[str] | None = None) -> None:
         table_rows(problems, samples, scores, JUDGE_PROBLEMS),
         baselines(problems, samples, JUDGE_PROBLEMS),
     )
+    print_paired(problems, samples, scores, "arithmetic * self-certainty")
     print(f"\narithmetic verifier alone: {arithmetic_speed(samples):,.0f} steps/second (one core, no cache)")
 
 

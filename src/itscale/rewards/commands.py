@@ -485,16 +485,25 @@ def _fit_policy(args: argparse.Namespace) -> int:
         f"budget policy from {len(records)} problems x {policy.card['samples_per_problem']} samples, "
         f"first batch {policy.first_batch}, budgets {policy.budgets}; written to {args.out}"
     )
-    if policy.value_edges is not None:
-        edges = ", ".join(f"{e:.3f}" for e in policy.value_edges)
-        print(f"  difficulty: the head's mean value after the first step, levels split at {edges}")
+    edges = policy.value_edges
+    if edges is not None:
+        split = ", ".join(f"{e:.3f}" for e in edges)
+        print(f"  difficulty: the head's mean value after the first step, levels split at {split}")
     difficulty = policy.card["difficulty_auroc"]
     if difficulty is not None:
         print(f"  the level predicts that one more sample is wrong with AUROC {difficulty:.3f}")
     for level, (share, row) in enumerate(zip(policy.frequency, policy.accuracy, strict=True)):
         accuracies = ", ".join(f"{b}: {a:.0%}" for b, a in zip(policy.budgets, row, strict=True))
-        agree = f"{level}/{policy.first_batch} agree"
-        print(f"  level {level} ({agree}, {share:.0%} of problems): vote accuracy {accuracies}")
+        if edges is None:
+            what = f"{level}/{policy.first_batch} agree"
+        else:
+            bounds = [
+                f"{edges[level - 1]:.3f} <=" if level else "",
+                "value",
+                f"< {edges[level]:.3f}" if level < len(edges) else "",
+            ]
+            what = " ".join(b for b in bounds if b)
+        print(f"  level {level} ({what}, {share:.0%} of problems): vote accuracy {accuracies}")
     for mean in sorted({policy.first_batch, *policy.budgets[1:]}):
         allocation = policy.allocate(mean)
         accuracy, spent = policy.expected(allocation)
