@@ -56,20 +56,6 @@ class SelfConsistency(Search):
     score_each_step = False
     reuses_samples = True
 
-    @staticmethod
-    async def _first_step_value(run: Run, probe: Any, samples: Sequence[Particle]) -> float:
-        """The mean of the probe's value after each sample's first step (its features came
-        with generation, so this costs a dot product)."""
-        from itscale.rewards.base import ScoreRequest
-
-        requests = [ScoreRequest(run.prompt, (p.steps[0].text,), records=(p.steps[0],)) for p in samples if p.steps]
-        if not requests:
-            return 0.0  # nothing generated: the hardest level
-        scores = await probe.score(requests)
-        run.usage.reward_tokens += scores.tokens
-        run.usage.reward_calls += 1
-        return sum(scores.values) / len(scores.values)
-
     async def finalise(self, run: Run) -> None:
         pass
 
@@ -177,20 +163,6 @@ class AdaptiveSelfConsistency(Search):
             {"samples_used": len(samples), "samples_saved": budget - len(samples), "confidence": confidence}
         )
         return self.choose(run)
-
-    @staticmethod
-    async def _first_step_value(run: Run, probe: Any, samples: Sequence[Particle]) -> float:
-        """The mean of the probe's value after each sample's first step (its features came
-        with generation, so this costs a dot product)."""
-        from itscale.rewards.base import ScoreRequest
-
-        requests = [ScoreRequest(run.prompt, (p.steps[0].text,), records=(p.steps[0],)) for p in samples if p.steps]
-        if not requests:
-            return 0.0  # nothing generated: the hardest level
-        scores = await probe.score(requests)
-        run.usage.reward_tokens += scores.tokens
-        run.usage.reward_calls += 1
-        return sum(scores.values) / len(scores.values)
 
     async def finalise(self, run: Run) -> None:
         pass
