@@ -177,7 +177,19 @@ async def test_a_policy_for_another_generator_is_refused_before_any_compute(smol
     assert smol.stats["decode_calls"] == calls_before
 
 
-async def test_compute_optimal_reads_a_value_level_from_the_head_it_was_fitted_with(smol, tmp_path) -> None:
+@pytest.fixture
+def smol_with_features():
+    """An engine of its own: the probe turns features on for good, which changes what the
+    session's shared engine evaluates for the tests after this one."""
+    from itscale.lm.llamacpp import LlamaCppModel
+
+    engine = LlamaCppModel("smollm2-135m", n_ctx=2048, n_seq_max=8, n_threads=THREADS)
+    yield engine
+    assert engine.cached_branches == 0
+    engine.shutdown()
+
+
+async def test_compute_optimal_reads_a_value_level_from_the_head_it_was_fitted_with(smol_with_features, tmp_path):
     """A value policy's level comes from the probe's value after each first-batch sample's
     first step; the head must be the policy's own, checked before any compute."""
     import math
@@ -185,6 +197,8 @@ async def test_compute_optimal_reads_a_value_level_from_the_head_it_was_fitted_w
     import numpy as np
 
     from itscale.rewards.probe import ValueHead, head_digest
+
+    smol = smol_with_features
 
     head = tmp_path / "head"
     head.mkdir()
