@@ -127,11 +127,11 @@ def difficulty_table(problems: list[dict], cached: dict, per_problem: list, b0: 
     records). The estimates: the first batch's agreement (what the policy uses), and the
     learned value head's mean over the first batch of its value after the first step (one
     step of each sample) and of the whole answers (the whole batch)."""
+    from itscale.rewards.probe import head_digest
     from itscale.rewards.training import auroc
     from itscale.search.allocation import level_of
-    from rewards import _file_digest
 
-    values = probe_scores(_file_digest(probe / "head.npz"))
+    values = probe_scores(head_digest(probe)[:12])
     greedy = {}
     for line in STUDY.read_text().splitlines():
         record = json.loads(line)

@@ -201,14 +201,14 @@ def requests_for(problem: dict, record: dict) -> tuple[list, list[tuple[int, int
 async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | None = None, probe=None) -> dict:
     """Scores per reward: {problem id: {"steps": [[...] per particle], "model": [...],
     "seconds", "tokens", "scored"}}, cached per reward (the probe: per head) and problem."""
-    from itscale.rewards.probe import shipped_head
+    from itscale.rewards.probe import head_digest, shipped_head
     from itscale.rewards.registry import make_reward
 
     probe = probe or shipped_head(GENERATOR)  # scores are kept by the head file's digest either way
     scores = {}
     for spec, limit in MEASURED:
         # A head's scores are cached by the head's own bytes: a head trained again is scored again.
-        name = spec if spec != "probe" or probe is None else f"probe-{_file_digest(Path(probe) / 'head.npz')}"
+        name = spec if spec != "probe" or probe is None else f"probe-{head_digest(probe)[:12]}"
         path = CACHE / f"scores-{name}.json"
         cached = read_json(path, {})
         scores[spec] = cached
@@ -251,12 +251,6 @@ async def score_all(lm, problems: list[dict], samples: dict, only: set[str] | No
             continue
         scores[product] = {pid: _product([scores[f][pid] for f in factors]) for pid in common}
     return scores
-
-
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def _product(entries: list[dict]) -> dict:
