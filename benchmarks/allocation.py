@@ -6,7 +6,8 @@ Reads the samples the rewards benchmark drew (`benchmarks/rewards.py`: K samples
 test problem, temperature 0.8, cached under .cache/benchmarks/rewards/) and replays, on every
 problem and in the samples' own order, what the `compute-optimal` algorithm does: the first
 batch sets the level, the policy's allocation for a mean budget B sets how many samples the
-problem gets, the majority vote over them is the answer. Beside it, the fixed budgets
+problem gets, and the level's selection (the majority vote, or the vote weighted by the
+head's value of each finished sample) gives the answer. Beside it, the fixed budgets
 (self-consistency over the first b samples) on the same problems and samples. Prints the
 accuracy, the mean samples and generated tokens per problem, the paired difference against
 the fixed budget of the same or higher mean cost (95% bootstrap interval over problems), and
@@ -60,9 +61,10 @@ def main() -> None:
     policy = BudgetPolicy.load(args.policy)
     problems, cached = load(args.samples)
     b0 = policy.first_batch
-    # A value policy's levels: the first batch's mean value after the first step, by the
-    # policy's own head as the rewards benchmark scored these samples with it.
-    values = probe_scores(policy.card["head_sha256"][:12]) if policy.value_edges is not None else None
+    # A policy reading a head (its levels, its weighted vote): the values by the policy's own
+    # head as the rewards benchmark scored these samples with it.
+    reads_head = policy.value_edges is not None or any(c.selection != "vote" for c in policy.choices)
+    values = probe_scores(policy.card["head_sha256"][:12]) if reads_head else None
     rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     per_problem = []
     for problem in problems:
@@ -70,41 +72,58 @@ def main() -> None:
         classes = answer_classes([p["answer"] for p in particles])
         right = [bool(p["correct"]) for p in particles]
         tokens = np.cumsum([sum(s["tokens"] for s in p["steps"]) for p in particles])
-        if values is None:
+        steps = values[problem["id"]]["steps"] if values is not None else None
+        finals = [s[-1] for s in steps] if steps is not None else None
+        if policy.value_edges is None:
             level = level_of(classes[:b0])
         else:
-            level = value_level(float(np.mean([s[0] for s in values[problem["id"]]["steps"][:b0]])), policy.value_edges)
-        per_problem.append((classes, right, tokens, level))
+            level = value_level(float(np.mean([s[0] for s in steps[:b0]])), policy.value_edges)
+        per_problem.append((classes, right, tokens, level, finals))
 
-    def record(name: str, budgets: list[int]) -> None:
-        correct = np.array([vote_is_right(c[:b], r[:b]) for (c, r, _, _), b in zip(per_problem, budgets, strict=True)])
-        spent = np.array([t[b - 1] for (_, _, t, _), b in zip(per_problem, budgets, strict=True)])
+    def record(name: str, choices: list) -> None:
+        correct = np.array(
+            [
+                vote_is_right(c[:b], r[:b], f[:b] if selection == "weighted-vote" else None)
+                for (c, r, _, _, f), (selection, b) in zip(per_problem, choices, strict=True)
+            ]
+        )
+        budgets = [b for _, b in choices]
+        spent = np.array([t[b - 1] for (_, _, t, _, _), b in zip(per_problem, budgets, strict=True)])
         rows[name] = (correct.astype(float), np.array(budgets, dtype=float), spent.astype(float))
 
-    for b in sorted({1, b0, *policy.budgets, args.samples}):
-        record(f"self-consistency @{b}", [b] * len(per_problem))
+    fixed_selections = ["vote", "weighted-vote"] if values is not None else ["vote"]
+    for selection in fixed_selections:
+        label = "self-consistency" if selection == "vote" else "weighted vote by the head"
+        for b in sorted({1, b0, *policy.budgets, args.samples}):
+            record(f"{label} @{b}", [(selection, b)] * len(per_problem))
     for mean in sorted({b0 + 1, *policy.budgets[1:]}):
         allocation = policy.allocate(mean)
-        record(f"compute-optimal auto:{mean} {allocation}", [allocation[lv] for *_, lv in per_problem])
+        chosen = ", ".join(f"{c.selection} {c.budget}" for c in allocation)
+        record(f"compute-optimal auto:{mean} [{chosen}]", [allocation[lv] for *_, lv, _ in per_problem])
 
     rng = np.random.default_rng(0)
     draws = rng.integers(0, len(per_problem), size=(args.bootstrap, len(per_problem)))
     print(f"{len(per_problem)} GSM8K test problems x {args.samples} samples; policy {args.policy}")
     print("\n| method | accuracy | mean samples | mean tokens | vs fixed budget of >= cost: difference [95% CI] |")
     print("| --- | ---: | ---: | ---: | --- |")
-    fixed = {name: row for name, row in rows.items() if name.startswith("self-consistency")}
+    fixed = {name: row for name, row in rows.items() if not name.startswith("compute-optimal")}
     for name, (correct, samples, spent) in rows.items():
         comparison = ""
         if name.startswith("compute-optimal"):
-            cheaper = [(n, r) for n, r in fixed.items() if r[1].mean() >= samples.mean() - 1e-9]
-            if cheaper:
-                other, (other_correct, _, _) = min(cheaper, key=lambda item: item[1][1].mean())
-                difference = correct - other_correct
-                low, high = np.percentile(difference[draws].mean(axis=1), [2.5, 97.5])
-                comparison = f"vs {other}: {difference.mean():+.1%} [{low:+.1%}, {high:+.1%}]"
+            comparisons = []
+            for kind in ("self-consistency", "weighted vote"):
+                costlier = [
+                    (n, r) for n, r in fixed.items() if n.startswith(kind) and r[1].mean() >= samples.mean() - 1e-9
+                ]
+                if costlier:
+                    other, (other_correct, _, _) = min(costlier, key=lambda item: item[1][1].mean())
+                    difference = correct - other_correct
+                    low, high = np.percentile(difference[draws].mean(axis=1), [2.5, 97.5])
+                    comparisons.append(f"vs {other}: {difference.mean():+.1%} [{low:+.1%}, {high:+.1%}]")
+            comparison = "; ".join(comparisons)
         print(f"| {name} | {correct.mean():.1%} | {samples.mean():.2f} | {spent.mean():,.0f} | {comparison} |")
     scores, wrong = [], []
-    for _, right, _, level in per_problem:
+    for _, right, _, level, _ in per_problem:
         for j in range(b0, len(right)):
             scores.append(-level)  # a higher level is an easier problem, for both kinds
             wrong.append(not right[j])
@@ -140,7 +159,7 @@ def difficulty_table(problems: list[dict], cached: dict, per_problem: list, b0: 
     estimates: dict[str, list[float]] = {"agreement of the first batch": [], "value after the first step": []}
     estimates["value of the whole answers"] = []
     later_wrong, greedy_wrong, kept = [], [], []
-    for problem, (classes, right, _, _) in zip(problems, per_problem, strict=True):
+    for problem, (classes, right, *_) in zip(problems, per_problem, strict=True):
         if problem["id"] not in values or problem["id"] not in greedy:
             continue
         entry = values[problem["id"]]

@@ -45,10 +45,12 @@ def test_the_fitted_vote_is_the_vote_the_algorithm_takes() -> None:
     for _ in range(400):
         answers = [rng.choice(pool) for _ in range(rng.randint(1, 7))]
         reference = rng.choice(["18", "0.5", "7"])
-        winner, _ = majority(answers)
-        expected = winner is not None and is_equivalent(winner, reference)
         right = [a is not None and is_equivalent(a, reference) for a in answers]
-        assert vote_is_right(answer_classes(answers), right) is expected, (answers, reference)
+        weights = [rng.choice([0.25, 0.5, 1.0]) for _ in answers]  # ties happen, as they do in votes
+        for w in (None, weights):
+            winner, _ = majority(answers, w)
+            expected = winner is not None and is_equivalent(winner, reference)
+            assert vote_is_right(answer_classes(answers), right, w) is expected, (answers, w, reference)
 
 
 def test_the_difficulty_level_counts_the_leading_answer_of_the_first_batch() -> None:
@@ -67,6 +69,10 @@ def three_kinds_of_problem() -> list[dict]:
     return easy + hopeless + contested
 
 
+def budgets(allocation) -> list[int]:
+    return [choice.budget for choice in allocation]
+
+
 def test_a_policy_spends_on_problems_where_more_samples_help() -> None:
     policy = fit_policy(three_kinds_of_problem(), GENERATOR, first_batch=2, orders=200, seed=1)
     assert policy.budgets == [2, 4, 6]
@@ -81,13 +87,13 @@ def test_a_policy_spends_on_problems_where_more_samples_help() -> None:
     assert policy.accuracy[1][0] < policy.accuracy[1][2]
     # A mean budget of 3: the extra samples go to the contested level, none to the hopeless
     # or the easy; at the first batch's size nothing is extra.
-    allocation = policy.allocate(3)
+    allocation = budgets(policy.allocate(3))
     assert allocation[0] == 2 and allocation[2] == 2 and allocation[1] > 2
-    accuracy, spent = policy.expected(allocation)
-    assert spent <= 3 and accuracy > policy.expected([2, 2, 2])[0]
-    assert policy.allocate(2) == [2, 2, 2]
+    accuracy, spent = policy.expected(policy.allocate(3))
+    assert spent <= 3 and accuracy > policy.expected([("vote", 2)] * 3)[0]
+    assert policy.allocate(2) == [("vote", 2)] * 3
     # With plenty to spend, still nothing for what cannot gain: the cheapest of equals.
-    assert policy.allocate(6) == [2, 6, 2]
+    assert budgets(policy.allocate(6)) == [2, 6, 2]
     with pytest.raises(UsageError, match="below this policy's first batch of 2"):
         policy.allocate(1)
 
@@ -106,13 +112,58 @@ def test_a_value_policy_levels_problems_by_the_first_batch_value(tmp_path) -> No
     assert policy.frequency == pytest.approx([1 / 3] * 3)
     assert policy.accuracy[0] == [0.0, 0.0, 0.0] and policy.accuracy[2] == [1.0, 1.0, 1.0]
     assert policy.accuracy[1][0] < policy.accuracy[1][2]
-    assert policy.allocate(3) == [2, 4, 2]
+    assert budgets(policy.allocate(3)) == [2, 4, 2]
     assert policy.card["difficulty_auroc"] > 0.8
     path = tmp_path / "value.json"
     policy.save(path)
     again = BudgetPolicy.load(path)
-    assert again.value_edges == policy.value_edges and again.allocate(3) == [2, 4, 2]
+    assert again.value_edges == policy.value_edges and budgets(again.allocate(3)) == [2, 4, 2]
     assert json.loads(path.read_text())["difficulty"].startswith("value")
+
+
+def test_a_policy_weighs_the_vote_where_the_head_tells_right_from_wrong(tmp_path) -> None:
+    """Contested problems whose right answer is a minority the head values highly: the
+    weighted vote is right where the plain vote is not, so the policy chooses it there, and
+    names the head it weighs with; without a head, a weighted choice is refused."""
+    minority = [graded(["5", "6", "6", "5", "6", "7"], "5") for _ in range(6)]
+    finals = [[0.9 if s["correct"] else 0.2 for s in r["samples"]] for r in minority]
+    records = three_kinds_of_problem() + minority
+    finals = [[0.5] * 6 for _ in three_kinds_of_problem()] + finals
+    policy = fit_policy(records, GENERATOR, first_batch=2, orders=50, seed=1, final_values=finals, head_sha256="c" * 64)
+    assert policy.choices == [(s, b) for s in ("vote", "weighted-vote") for b in (2, 4, 6)]
+    vote6, weighted6 = policy.choices.index(("vote", 6)), policy.choices.index(("weighted-vote", 6))
+    # Level 1 (the first two disagree) holds the contested orders of both kinds.
+    assert policy.accuracy[1][weighted6] > policy.accuracy[1][vote6]
+    assert policy.allocate(6)[1] == ("weighted-vote", 6)
+    # Where nothing helps (no answer at all), the first batch and the plain vote: among
+    # equals the cheapest, then the one that needs no head.
+    assert policy.allocate(6)[0] == ("vote", 2)
+    path = tmp_path / "weighted.json"
+    policy.save(path)
+    assert BudgetPolicy.load(path).allocate(6) == policy.allocate(6)
+    data = json.loads(path.read_text())
+    del data["head_sha256"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="names none"):
+        BudgetPolicy.load(path)
+
+
+def test_a_policy_file_of_the_first_format_is_a_vote_policy(tmp_path) -> None:
+    """Format 1 knew the majority vote only, with accuracies per budget."""
+    old = {
+        "format": 1,
+        "generator": GENERATOR,
+        "selection": "majority vote",
+        "first_batch": 2,
+        "budgets": [2, 4],
+        "frequency": [0.5, 0.25, 0.25],
+        "accuracy": [[0.0, 0.0], [0.2, 0.6], [0.9, 0.9]],
+        "problems": 3,
+    }
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    policy = BudgetPolicy.load(tmp_path / "old.json")
+    assert policy.choices == [("vote", 2), ("vote", 4)] and policy.card == {"problems": 3}
+    assert policy.allocate(3) == [("vote", 2), ("vote", 4), ("vote", 2)]
 
 
 def test_a_policy_file_round_trips_and_bad_files_are_refused(tmp_path) -> None:
@@ -143,7 +194,7 @@ def policy_for(tmp_path: Path, lm, accuracy: list[list[float]]) -> Path:
     policy = BudgetPolicy(
         generator={"name": lm.name, "gguf_sha256": lm.sha256},
         first_batch=2,
-        budgets=[2, 4],
+        choices=[("vote", 2), ("vote", 4)],
         frequency=[1 / 3] * 3,
         accuracy=accuracy,
     )
@@ -164,12 +215,15 @@ async def test_compute_optimal_draws_what_its_level_is_allotted(smol, tmp_path, 
     assert result.diagnostics["samples_used"] == used == len(result.particles)
     level = result.diagnostics["difficulty_level"]
     assert level == difficulty_level([p.answer for p in result.particles[:2]], 2)
-    assert result.diagnostics["allocation"] == ([4, 4, 4] if grows else [2, 2, 2])
+    assert budgets(result.diagnostics["allocation"]) == ([4, 4, 4] if grows else [2, 2, 2])
+    assert result.diagnostics["selection"] == "vote"
     assert result.usage.completion_tokens == sum(s.tokens for p in result.particles for s in p.steps)
 
 
 async def test_a_policy_for_another_generator_is_refused_before_any_compute(smol, tmp_path) -> None:
-    policy = BudgetPolicy({"name": "other", "gguf_sha256": "0" * 64}, 2, [2, 4], [0.5, 0.25, 0.25], [[0, 0]] * 3)
+    policy = BudgetPolicy(
+        {"name": "other", "gguf_sha256": "0" * 64}, 2, [("vote", 2), ("vote", 4)], [0.5, 0.25, 0.25], [[0, 0]] * 3
+    )
     policy.save(tmp_path / "other.json")
     calls_before = smol.stats["decode_calls"]
     with pytest.raises(UsageError, match="fitted for other"):
@@ -191,7 +245,9 @@ def smol_with_features():
 
 async def test_compute_optimal_reads_a_value_level_from_the_head_it_was_fitted_with(smol_with_features, tmp_path):
     """A value policy's level comes from the probe's value after each first-batch sample's
-    first step; the head must be the policy's own, checked before any compute."""
+    first step, and a level whose choice is the weighted vote weighs each sample by the
+    probe's value of it, finished; the head must be the policy's own, checked before any
+    compute."""
     import math
 
     import numpy as np
@@ -213,9 +269,9 @@ async def test_compute_optimal_reads_a_value_level_from_the_head_it_was_fitted_w
     policy = BudgetPolicy(
         generator={"name": smol.name, "gguf_sha256": smol.sha256},
         first_batch=2,
-        budgets=[2, 4],
+        choices=[("vote", 2), ("vote", 4), ("weighted-vote", 4)],
         frequency=[1 / 3] * 3,
-        accuracy=[[0.0, 0.0], [0.2, 0.6], [0.9, 0.9]],
+        accuracy=[[0.0, 0.0, 0.0], [0.2, 0.6, 0.7], [0.9, 0.9, 0.9]],
         card={"head_sha256": head_digest(head)},
         value_edges=[0.1, 0.5],
     )
@@ -223,9 +279,12 @@ async def test_compute_optimal_reads_a_value_level_from_the_head_it_was_fitted_w
     search = make_algorithm("compute-optimal", policy=str(tmp_path / "policy.json"), head=str(head))
     result = await search.run(smol, "What is 2 + 3?", budget=3, seed=0, max_tokens=24, max_step_tokens=12)
     assert result.diagnostics["difficulty_level"] == 1
-    assert result.diagnostics["allocation"] == [2, 4, 2]
+    assert result.diagnostics["allocation"] == [("vote", 2), ("weighted-vote", 4), ("vote", 2)]
     assert result.diagnostics["samples_used"] == 4 == len(result.particles)
-    assert result.usage.reward_tokens == 0  # the first steps' states came with generation
+    assert result.diagnostics["selection"] == "weighted-vote"
+    # Each sample weighs the head's value of it: 0.3, whatever the state.
+    assert [p.score for p in result.particles] == pytest.approx([0.3] * 4)
+    assert result.usage.reward_tokens == 0  # the steps' states came with generation
 
     other = tmp_path / "other"
     other.mkdir()
@@ -234,7 +293,7 @@ async def test_compute_optimal_reads_a_value_level_from_the_head_it_was_fitted_w
     )
     (other / "card.json").write_text((head / "card.json").read_text())
     calls_before = smol.stats["decode_calls"]
-    with pytest.raises(UsageError, match="reads difficulty from the learned head with sha256"):
+    with pytest.raises(UsageError, match="reads the learned head with sha256"):
         await make_algorithm("compute-optimal", policy=str(tmp_path / "policy.json"), head=str(other)).run(
             smol, "What is 2 + 3?", budget=3
         )

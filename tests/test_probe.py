@@ -427,7 +427,9 @@ def test_train_reward_end_to_end_resumes_after_a_kill(smol, tmp_path) -> None:
     assert fitted.returncode == 0, fitted.stderr
     policy = json.loads(policy_file.read_text())
     assert policy["difficulty"].startswith("value") and len(policy["value_edges"]) == 2
-    assert policy["head_sha256"] == head_digest(out) and policy["budgets"] == [1, 2]
+    assert policy["head_sha256"] == head_digest(out)
+    # The vote, and the vote weighted by the head's out-of-fold value of each finished sample.
+    assert policy["choices"] == [["vote", 1], ["vote", 2], ["weighted-vote", 1], ["weighted-vote", 2]]
     # A layer the rollouts were not sampled with is evaluated from their text, once, into a
     # file of its own; the head reads it, and the probe turns it on in the engine.
     layered = tmp_path / "layered"

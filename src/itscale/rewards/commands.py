@@ -421,14 +421,15 @@ def add_policy_command(subparsers: Any) -> None:
     parser.set_defaults(handler=_fit_policy, parser=parser)
 
 
-def _first_values(args: argparse.Namespace, directory: Any, records: list, generator: dict) -> tuple[list, str]:
-    """Out-of-fold values after each sample's first step, by heads trained like the chosen
-    one, and the chosen head's sha256 (the policy reads its values at run time)."""
+def _head_values(args: argparse.Namespace, directory: Any, records: list, generator: dict) -> tuple[list, list, str]:
+    """Out-of-fold values after each sample's first step and of each finished sample, by
+    heads trained like the chosen one, and the chosen head's sha256 (the policy reads its
+    values at run time)."""
     from pathlib import Path
 
     from itscale.errors import UsageError
     from itscale.rewards.probe import card_layers, head_digest, read_card, shipped_head
-    from itscale.rewards.training import card_settings, out_of_fold_first_values, with_layers
+    from itscale.rewards.training import card_settings, out_of_fold_values, with_layers
 
     if args.value_levels < 2 or args.folds < 2:
         raise UsageError(f"--value-levels and --folds must be at least 2, got {args.value_levels} and {args.folds}")
@@ -445,8 +446,8 @@ def _first_values(args: argparse.Namespace, directory: Any, records: list, gener
             f"{len(missing)} problems' rollouts lack the features of layer(s) {', '.join(layers)}: "
             f"run itscale train-reward --rollouts {args.rollouts} --layers {','.join(layers)} first"
         )
-    values = out_of_fold_first_values(records, generator["n_embd"], layers, card_settings(card), args.folds)
-    return values, head_digest(head)
+    first, final = out_of_fold_values(records, generator["n_embd"], layers, card_settings(card), args.folds)
+    return first, final, head_digest(head)
 
 
 def _fit_policy(args: argparse.Namespace) -> int:
@@ -468,16 +469,22 @@ def _fit_policy(args: argparse.Namespace) -> int:
     if Path(source).stem.endswith("_test") and not args.allow_test_split:
         raise UsageError(f"the rollouts in {args.rollouts} come from a test split ({source}): fit on training data")
     records = list(directory.results.load(repair=False).values())
-    first_values, head_sha = None, None
+    first_values, final_values, head_sha = None, None, None
     if args.difficulty == "value":
-        first_values, head_sha = _first_values(args, directory, records, identity["generator"])
+        first_values, final_values, head_sha = _head_values(args, directory, records, identity["generator"])
     elif args.head is not None:
         raise UsageError("--head goes with --difficulty value")
     policy = fit_policy(
-        records, identity["generator"], args.first_batch, args.orders, args.seed, first_values, args.value_levels
+        records,
+        identity["generator"],
+        args.first_batch,
+        args.orders,
+        args.seed,
+        first_values,
+        args.value_levels,
+        final_values,
+        head_sha,
     )
-    if head_sha is not None:
-        policy.card["head_sha256"] = head_sha
     command = command_line(args, "fit-budget-policy")
     policy.card.update({"data": {"rollouts": str(args.rollouts), "dataset": source}, "command": command})
     policy.save(args.out)
@@ -493,7 +500,13 @@ def _fit_policy(args: argparse.Namespace) -> int:
     if difficulty is not None:
         print(f"  the level predicts that one more sample is wrong with AUROC {difficulty:.3f}")
     for level, (share, row) in enumerate(zip(policy.frequency, policy.accuracy, strict=True)):
-        accuracies = ", ".join(f"{b}: {a:.0%}" for b, a in zip(policy.budgets, row, strict=True))
+        accuracies = "; ".join(
+            f"{selection} "
+            + ", ".join(
+                f"{c.budget}: {a:.0%}" for c, a in zip(policy.choices, row, strict=True) if c.selection == selection
+            )
+            for selection in dict.fromkeys(c.selection for c in policy.choices)
+        )
         if edges is None:
             what = f"{level}/{policy.first_batch} agree"
         else:
@@ -503,9 +516,10 @@ def _fit_policy(args: argparse.Namespace) -> int:
                 f"< {edges[level]:.3f}" if level < len(edges) else "",
             ]
             what = " ".join(b for b in bounds if b)
-        print(f"  level {level} ({what}, {share:.0%} of problems): vote accuracy {accuracies}")
+        print(f"  level {level} ({what}, {share:.0%} of problems): accuracy {accuracies}")
     for mean in sorted({policy.first_batch, *policy.budgets[1:]}):
         allocation = policy.allocate(mean)
         accuracy, spent = policy.expected(allocation)
-        print(f"  auto:{mean}: budgets by level {allocation}, mean {spent:.2f}, expected accuracy {accuracy:.0%}")
+        chosen = ", ".join(f"{c.selection} {c.budget}" for c in allocation)
+        print(f"  auto:{mean}: by level {chosen}; mean {spent:.2f}, expected accuracy {accuracy:.0%}")
     return 0

@@ -579,26 +579,29 @@ def _gradients(
     return [x.T @ d_hidden, d_hidden.sum(axis=0), hidden.T @ dz, dz.sum(axis=0)]
 
 
-def out_of_fold_first_values(
+def out_of_fold_values(
     records: Sequence[dict[str, Any]], n_embd: int, layers: Sequence[str], settings: TrainSettings, folds: int = 5
-) -> list[list[float]]:
-    """Per record, per sample: the value after the sample's first step by a head trained (with
-    `settings`) on the other folds' problems, so that no value comes from a head that saw its
-    own label: what a difficulty estimate fitted on these records will meet on new problems."""
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Per record, per sample: the value after the sample's first step, and after its last
+    (the finished sample), by a head trained (with `settings`) on the other folds' problems,
+    so that no value comes from a head that saw its own label: what a policy fitted on these
+    records will meet on new problems."""
     if len(records) < 2 * folds:
         raise UsageError(f"{len(records)} problems are too few for {folds} folds: sample more problems")
     fold_of = np.random.default_rng(settings.seed).permutation(len(records)) % folds
-    values: list[list[float]] = [[] for _ in records]
+    first: list[list[float]] = [[] for _ in records]
+    final: list[list[float]] = [[] for _ in records]
     for f in range(folds):
         train_records = [r for i, r in enumerate(records) if fold_of[i] != f]
         head, _ = train(examples_from(train_records, n_embd, "outcome", layers), len(train_records), settings)
         for i in np.flatnonzero(fold_of == f):
-            rows = [
-                np.concatenate([decode_features(sample_layers(s)[layer], n_embd)[0] for layer in layers])
+            states = [
+                np.concatenate([decode_features(sample_layers(s)[layer], n_embd) for layer in layers], axis=1)
                 for s in records[i]["samples"]
             ]
-            values[i] = [float(v) for v in head.predict(np.stack(rows))]
-    return values
+            first[i] = [float(v) for v in head.predict(np.stack([rows[0] for rows in states]))]
+            final[i] = [float(v) for v in head.predict(np.stack([rows[-1] for rows in states]))]
+    return first, final
 
 
 def card_settings(card: dict[str, Any]) -> TrainSettings:

@@ -14,13 +14,21 @@ project's GSM8K measurements (docs/results/README.md) and costs one step of each
 sample before the level is known, which the batch has anyway.
 
 A `BudgetPolicy` holds, for each level, how often problems fall in it and the accuracy of
-the majority vote over b samples for every budget b it knows, measured on training problems
+every *choice* it knows, a selection rule and a budget b, measured on training problems
 (`fit_policy`, from the rollouts `itscale train-reward` samples: K graded samples per
-problem, so the budgets it knows run from b0 to K). For a mean budget B per problem,
-`allocate` chooses a budget per level that maximises the expected accuracy under that mean;
-a level whose accuracy no longer grows (easy, or hopeless) keeps its first batch.
-The `compute-optimal` algorithm (itscale.search.sampling) runs it: first batch, level, the
-rest of the level's budget, vote.
+problem, so the budgets it knows run from b0 to K). The selection rules: the majority vote
+over the b samples, and, where a learned head scored the training samples (out of fold),
+the vote weighted by the head's value of each finished sample (weighted best-of-N with the
+probe; on this project's GSM8K train rollouts it beats the plain vote by 2-3 points at 4
+and 8 samples, docs/results/README.md). For a mean budget B per problem, `allocate` chooses
+a choice per level that maximises the expected accuracy under that mean; a level whose
+accuracy no longer grows (easy, or hopeless) keeps its first batch. The `compute-optimal`
+algorithm (itscale.search.sampling) runs it: first batch, level, the rest of the level's
+budget, its selection.
+
+Particle filtering is not among the choices: fitting it would need particle-filter runs on
+the training problems at every budget (hours here), where the vote's accuracy at every
+budget comes from the K samples `itscale train-reward` draws anyway.
 
 A policy is a JSON file written by `itscale fit-budget-policy`, with the data and the
 command that made it; it belongs to one generator (its GGUF sha256).
@@ -37,12 +45,17 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from itscale.answers import is_equivalent
 from itscale.errors import UsageError
 
-FORMAT = 1
+FORMAT = 2  # 1: majority vote only, its accuracies per budget (still read)
+# The selection rules a policy can choose, and what each means.
+SELECTIONS = {
+    "vote": "majority vote",
+    "weighted-vote": "vote weighted by the head's value of each finished sample (head_sha256)",
+}
 # Policies shipped inside the package, one file per named model.
 SHIPPED = Path(__file__).resolve().parent / "policies"
 
@@ -81,14 +94,15 @@ def answer_classes(answers: Sequence[str | None]) -> list[int | None]:
     return out
 
 
-def vote_is_right(classes: Sequence[int | None], right: Sequence[bool]) -> bool:
-    """Whether the majority vote over these samples is right, with `answers.majority`'s
-    rule: the most frequent class, a tie to the class seen first, no answer no vote."""
-    counts: dict[int, int] = {}
+def vote_is_right(classes: Sequence[int | None], right: Sequence[bool], weights: Sequence[float] | None = None) -> bool:
+    """Whether the majority (or weighted) vote over these samples is right, with
+    `answers.majority`'s rule: the largest total, a tie to the class seen first, no answer
+    no vote."""
+    counts: dict[int, float] = {}
     first: dict[int, int] = {}
     for i, c in enumerate(classes):
         if c is not None:
-            counts[c] = counts.get(c, 0) + 1
+            counts[c] = counts.get(c, 0) + (1.0 if weights is None else weights[i])
             first.setdefault(c, i)
     if not counts:
         return False
@@ -97,17 +111,24 @@ def vote_is_right(classes: Sequence[int | None], right: Sequence[bool]) -> bool:
     return bool(right[first[winner]])
 
 
+class Choice(NamedTuple):
+    """What a level gets: a selection rule (a key of SELECTIONS) over `budget` samples."""
+
+    selection: str
+    budget: int
+
+
 @dataclass
 class BudgetPolicy:
-    """Per level: the share of training problems in it (`frequency`) and the vote's accuracy
-    at each known budget (`accuracy[level][i]` at `budgets[i]`). The levels are the first
+    """Per level: the share of training problems in it (`frequency`) and the accuracy of
+    each known choice (`accuracy[level][i]` of `choices[i]`). The levels are the first
     batch's agreement (0..first_batch), or, with `value_edges`, its mean learned value after
-    the first step, binned by those edges (0..len(value_edges)); `card["head_sha256"]` then
-    names the head whose values the edges are in."""
+    the first step, binned by those edges (0..len(value_edges)). `card["head_sha256"]` names
+    the head whose values the edges and the weighted vote are in."""
 
     generator: dict[str, Any]
     first_batch: int
-    budgets: list[int]
+    choices: list[Choice]
     frequency: list[float]
     accuracy: list[list[float]]
     card: dict[str, Any] = field(default_factory=dict)
@@ -117,23 +138,38 @@ class BudgetPolicy:
     def levels(self) -> int:
         return len(self.value_edges) + 1 if self.value_edges is not None else self.first_batch + 1
 
+    @property
+    def budgets(self) -> list[int]:
+        return sorted({c.budget for c in self.choices})
+
     def __post_init__(self) -> None:
+        self.choices = [Choice(*c) for c in self.choices]
         levels = self.levels
         if (
             self.first_batch < 1
-            or not self.budgets
+            or not self.choices
             or self.budgets[0] != self.first_batch
-            or sorted(set(self.budgets)) != self.budgets
+            or len(set(self.choices)) != len(self.choices)
+            or any(c.selection not in SELECTIONS for c in self.choices)
             or len(self.frequency) != levels
             or len(self.accuracy) != levels
-            or any(len(row) != len(self.budgets) for row in self.accuracy)
+            or any(len(row) != len(self.choices) for row in self.accuracy)
         ):
-            raise UsageError("the budget policy is inconsistent (levels, budgets, accuracies): fit it again")
+            raise UsageError("the budget policy is inconsistent (levels, choices, accuracies): fit it again")
+        if any(c.selection != "vote" for c in self.choices) and not self.card.get("head_sha256"):
+            raise UsageError(
+                "the budget policy weighs votes by a learned head but names none (head_sha256): fit it again"
+            )
 
-    def allocate(self, mean_budget: float) -> list[int]:
-        """The budget of each level that maximises expected accuracy with a mean budget per
-        problem of at most `mean_budget` (exhaustive over the known budgets: a handful of
-        levels and budgets). Below the first batch no allocation exists: a UsageError."""
+    def needs_head(self, allocation: Sequence[Choice]) -> bool:
+        """Whether running this allocation reads the learned head: for the level, or to weigh."""
+        return self.value_edges is not None or any(c.selection != "vote" for c in allocation)
+
+    def allocate(self, mean_budget: float) -> list[Choice]:
+        """The choice of each level that maximises expected accuracy with a mean budget per
+        problem of at most `mean_budget` (exhaustive over the known choices: a handful of
+        levels, budgets and rules). Among equals, the cheapest, then the plain vote (it needs
+        no head). Below the first batch no allocation exists: a UsageError."""
         if mean_budget < self.first_batch:
             raise UsageError(
                 f"budget auto:{mean_budget:g} is below this policy's first batch of {self.first_batch} samples: "
@@ -141,8 +177,8 @@ class BudgetPolicy:
             )
         levels = range(self.levels)
         best: tuple[float, float, tuple[int, ...]] | None = None
-        for choice in itertools.product(range(len(self.budgets)), repeat=len(levels)):
-            cost = sum(self.frequency[lv] * self.budgets[i] for lv, i in zip(levels, choice, strict=True))
+        for choice in itertools.product(range(len(self.choices)), repeat=len(levels)):
+            cost = sum(self.frequency[lv] * self.choices[i].budget for lv, i in zip(levels, choice, strict=True))
             if cost > mean_budget + 1e-9:
                 continue
             gain = sum(self.frequency[lv] * self.accuracy[lv][i] for lv, i in zip(levels, choice, strict=True))
@@ -151,14 +187,14 @@ class BudgetPolicy:
             if best is None or key[:2] > best[:2]:
                 best = key
         assert best is not None  # the first batch everywhere always fits
-        return [self.budgets[i] for i in best[2]]
+        return [self.choices[i] for i in best[2]]
 
-    def expected(self, allocation: Sequence[int]) -> tuple[float, float]:
+    def expected(self, allocation: Sequence[Choice]) -> tuple[float, float]:
         """(expected accuracy, mean budget) of an allocation on the training problems."""
-        index = {b: i for i, b in enumerate(self.budgets)}
+        index = {c: i for i, c in enumerate(self.choices)}
         pairs = list(enumerate(zip(self.frequency, allocation, strict=True)))
-        accuracy = sum(f * self.accuracy[lv][index[b]] for lv, (f, b) in pairs)
-        return accuracy, sum(f * b for f, b in zip(self.frequency, allocation, strict=True))
+        accuracy = sum(f * self.accuracy[lv][index[Choice(*c)]] for lv, (f, c) in pairs)
+        return accuracy, sum(f * c[1] for f, c in zip(self.frequency, allocation, strict=True))
 
     def check_generator(self, lm: Any) -> None:
         """A policy fitted for another generator is refused: its accuracies are not this one's."""
@@ -184,9 +220,9 @@ class BudgetPolicy:
             "generator": self.generator,
             "difficulty": difficulty,
             **({"value_edges": self.value_edges} if self.value_edges is not None else {}),
-            "selection": "majority vote",
+            "selections": {s: SELECTIONS[s] for s in dict.fromkeys(c.selection for c in self.choices)},
             "first_batch": self.first_batch,
-            "budgets": self.budgets,
+            "choices": [list(c) for c in self.choices],
             "frequency": self.frequency,
             "accuracy": self.accuracy,
             **self.card,
@@ -210,20 +246,19 @@ class BudgetPolicy:
             ) from None
         except (OSError, ValueError) as error:
             raise UsageError(f"the budget policy {path} is unreadable ({error}): fit it again") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") not in (1, FORMAT):
             raise UsageError(f"{path} is not a budget policy of format {FORMAT}: fit it again")
-        known = {"generator", "first_batch", "budgets", "frequency", "accuracy"}
+        if data["format"] == 1 and isinstance(data.get("budgets"), list):
+            data["choices"] = [["vote", b] for b in data["budgets"]]
+        known = {"generator", "first_batch", "choices", "frequency", "accuracy"}
+        described = {"format", "difficulty", "selection", "selections", "budgets", "value_edges"}
         try:
             return cls(
                 **{k: data[k] for k in known},
                 value_edges=data.get("value_edges"),
-                card={
-                    k: v
-                    for k, v in data.items()
-                    if k not in known | {"format", "difficulty", "selection", "value_edges"}
-                },
+                card={k: v for k, v in data.items() if k not in known | described},
             )
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError) as error:
             raise UsageError(f"the budget policy {path} is incomplete ({error}): fit it again") from None
 
 
@@ -241,6 +276,8 @@ def fit_policy(
     seed: int = 0,
     first_values: Sequence[Sequence[float]] | None = None,
     value_levels: int = 3,
+    final_values: Sequence[Sequence[float]] | None = None,
+    head_sha256: str | None = None,
 ) -> BudgetPolicy:
     """A policy from graded samples: `records` as `itscale train-reward` writes them (per
     problem, "samples" with "answer" and "correct"). Every problem's K samples are taken in
@@ -250,7 +287,9 @@ def fit_policy(
 
     With `first_values` (per record, per sample: a learned head's value after the sample's
     first step, from a head that did not train on that record), the level is the first
-    batch's mean value, binned into `value_levels` levels at the quantiles of those means."""
+    batch's mean value, binned into `value_levels` levels at the quantiles of those means.
+    With `final_values` (likewise, the value of the finished sample), the vote weighted by
+    them is a choice too, at every budget; `head_sha256` names the head both come from."""
     sizes = {len(r["samples"]) for r in records}
     if not records:
         raise UsageError("no sampled problems to fit a budget policy on: sample with `itscale train-reward` first")
@@ -260,10 +299,12 @@ def fit_policy(
     if first_values is not None and value_levels < 2:
         raise UsageError(f"--value-levels must be at least 2, got {value_levels}")
     budgets = sorted({first_batch, k, *(2**i for i in range(10) if first_batch < 2**i < k)})
+    selections = ["vote", "weighted-vote"] if final_values is not None else ["vote"]
+    choices = [Choice(s, b) for s in selections for b in budgets]
     rng = random.Random(seed)
-    # Every (problem, order): its answer classes and verdicts in that order, and the first
-    # batch's mean value when values are given.
-    instances: list[tuple[list[int | None], list[bool], float | None]] = []
+    # Every (problem, order): its answer classes, verdicts and final values in that order,
+    # and the first batch's mean value when values are given.
+    instances: list[tuple[list[int | None], list[bool], list[float] | None, float | None]] = []
     for r, record in enumerate(records):
         samples = record["samples"][:k]
         classes = answer_classes([s["answer"] for s in samples])
@@ -273,31 +314,33 @@ def fit_policy(
             rng.shuffle(order)
             values = first_values[r] if first_values is not None else None
             mean = statistics.fmean(values[i] for i in order[:first_batch]) if values is not None else None
-            instances.append(([classes[i] for i in order], [correct[i] for i in order], mean))
+            finals = [final_values[r][i] for i in order] if final_values is not None else None
+            instances.append(([classes[i] for i in order], [correct[i] for i in order], finals, mean))
     edges = None
     if first_values is not None:
         means = sorted(m for *_, m in instances if m is not None)
         edges = [means[len(means) * j // value_levels] for j in range(1, value_levels)]
     levels = len(edges) + 1 if edges is not None else first_batch + 1
     counts = [0] * levels
-    right = [[0] * len(budgets) for _ in range(levels)]
-    overall = [0] * len(budgets)
-    for c, r, mean in instances:
+    right = [[0] * len(choices) for _ in range(levels)]
+    overall = [0] * len(choices)
+    for c, r, finals, mean in instances:
         level = value_level(mean, edges) if edges is not None else level_of(c[:first_batch])
         counts[level] += 1
-        for j, b in enumerate(budgets):
-            hit = vote_is_right(c[:b], r[:b])
+        for j, (selection, b) in enumerate(choices):
+            weights = finals[:b] if selection == "weighted-vote" and finals is not None else None
+            hit = vote_is_right(c[:b], r[:b], weights)
             right[level][j] += hit
             overall[j] += hit
     total = sum(counts)
     accuracy = [
-        [right[lv][j] / counts[lv] if counts[lv] else overall[j] / total for j in range(len(budgets))]
+        [right[lv][j] / counts[lv] if counts[lv] else overall[j] / total for j in range(len(choices))]
         for lv in range(levels)
     ]
     return BudgetPolicy(
         generator=generator,
         first_batch=first_batch,
-        budgets=budgets,
+        choices=choices,
         frequency=[c / total for c in counts],
         accuracy=accuracy,
         value_edges=edges,
@@ -308,6 +351,7 @@ def fit_policy(
             "seed": seed,
             "difficulty_auroc": difficulty_auroc(records, first_batch, orders, seed, first_values),
             "date": datetime.date.today().isoformat(),
+            **({"head_sha256": head_sha256} if head_sha256 else {}),
         },
     )
 

@@ -6,8 +6,9 @@
 - weighted best-of-N: the answer with the largest summed reward over its rollouts;
 - Best-of-Majority: the best-rewarded rollout among those with a frequent answer;
 - adaptive self-consistency: majority vote, sampling in growing batches until confident;
-- compute-optimal: majority vote, a first batch, then the budget its difficulty deserves
-  (a mean budget per problem; itscale.search.allocation).
+- compute-optimal: a first batch, then the budget and selection (vote, or the vote
+  weighted by a learned head) its difficulty deserves (a mean budget per problem;
+  itscale.search.allocation).
 
 Their choice depends only on the final particles (`pick`), so an evaluation can generate
 the largest budget once and evaluate every smaller budget on a prefix of the rollouts.
@@ -174,16 +175,18 @@ class AdaptiveSelfConsistency(Search):
 class ComputeOptimal(Search):
     """Compute-optimal allocation across problems (Snell et al., 2024): the run's budget is
     a *mean* per problem. A first batch of samples estimates the problem's difficulty (the
-    agreement of its answers), a `BudgetPolicy` fitted on training problems gives the budget
-    that difficulty deserves, the rest is drawn (the first batch is kept) and the answer is
-    the majority vote. Easy problems stop after the first batch; hard ones get more;
-    hopeless ones, where more samples did not help on the training problems, do not.
+    agreement of its answers, or a learned head's value after their first step), a
+    `BudgetPolicy` fitted on training problems gives the choice that difficulty deserves (a
+    budget and a selection), the rest is drawn (the first batch is kept) and the answer is
+    the majority vote, or the vote weighted by the head's value of each finished sample.
+    Easy problems stop after the first batch; hard ones get more; hopeless ones, where more
+    samples did not help on the training problems, do not.
 
     `policy`: a policy file (`itscale fit-budget-policy`); by default the one shipped for
-    the generator. A policy whose difficulty is the learned value reads it from the head it
-    was fitted with: `head`, a head directory, by default the one shipped for the generator
-    (its weights must be the policy's). The result reports the level, the budget chosen and
-    the allocation."""
+    the generator. A policy that reads a learned head (for the level or to weigh) reads the
+    head it was fitted with: `head`, a head directory, by default the one shipped for the
+    generator (its weights must be the policy's). The result reports the level, the choice
+    and the allocation; the weighted vote leaves each sample's value as its score."""
 
     name = "compute-optimal"
     independent_rollouts = True
@@ -210,8 +213,8 @@ class ComputeOptimal(Search):
         return policy
 
     def value_reward(self, lm: Any, policy: BudgetPolicy) -> Any:
-        """The probe whose values the policy's levels are in (before any generation: it turns
-        the engine's features on)."""
+        """The probe whose values the policy's levels and weights are in (before any
+        generation: it turns the engine's features on)."""
         from itscale.rewards.probe import ProbeReward, head_digest, shipped_head
 
         path = self.head_path or shipped_head(getattr(lm, "name", ""))
@@ -219,7 +222,7 @@ class ComputeOptimal(Search):
         if path is None or head_digest(path) != wanted:
             where = f"the head in {path} is another" if path is not None else "no head is shipped for this model"
             raise UsageError(
-                f"this budget policy reads difficulty from the learned head with sha256 {str(wanted)[:12]}…, and "
+                f"this budget policy reads the learned head with sha256 {str(wanted)[:12]}…, and "
                 f"{where}: pass that head with --option head=DIR, or fit the policy again for this head"
             )
         return ProbeReward(lm, path)
@@ -227,41 +230,62 @@ class ComputeOptimal(Search):
     async def search(self, run: Run) -> Result:
         policy = self.load_policy(run.lm)
         allocation = policy.allocate(run.settings.budget)
-        probe = self.value_reward(run.lm, policy) if policy.value_edges is not None else None
+        probe = self.value_reward(run.lm, policy) if policy.needs_head(allocation) else None
         run.particles = await run.start(policy.first_batch)
         await run.loop()
         samples = list(run.particles)
-        if probe is None:
+        if policy.value_edges is None:
             level = difficulty_level([p.answer for p in samples], policy.first_batch)
         else:
-            level = value_level(await self._first_step_value(run, probe, samples), policy.value_edges)
-        target = allocation[level]
-        if target > len(samples) and not run.budget_spent():
-            run.particles = await run.start(target - len(samples))
+            firsts = [v for v in await self._values(run, probe, samples, first_step=True) if v is not None]
+            # Nothing generated at all: the hardest level.
+            level = value_level(sum(firsts) / len(firsts) if firsts else 0.0, policy.value_edges)
+        choice = allocation[level]
+        if choice.budget > len(samples) and not run.budget_spent():
+            run.particles = await run.start(choice.budget - len(samples))
             await run.loop()
             samples += run.particles
+        if choice.selection == "weighted-vote":
+            for p, value in zip(samples, await self._values(run, probe, samples, first_step=False), strict=True):
+                p.score = value if value is not None else 0.0
         run.particles = samples
-        run.diagnostics.update({"difficulty_level": level, "samples_used": len(samples), "allocation": allocation})
+        run.diagnostics.update(
+            {
+                "difficulty_level": level,
+                "samples_used": len(samples),
+                "selection": choice.selection,
+                "allocation": allocation,
+            }
+        )
         return self.choose(run)
 
     @staticmethod
-    async def _first_step_value(run: Run, probe: Any, samples: Sequence[Particle]) -> float:
-        """The mean of the probe's value after each sample's first step (its features came
-        with generation, so this costs a dot product)."""
+    async def _values(run: Run, probe: Any, samples: Sequence[Particle], first_step: bool) -> list[float | None]:
+        """The probe's value of each sample after its first step, or after its last (their
+        features came with generation, so this costs a dot product); None without a step."""
         from itscale.rewards.base import ScoreRequest
 
-        requests = [ScoreRequest(run.prompt, (p.steps[0].text,), records=(p.steps[0],)) for p in samples if p.steps]
-        if not requests:
-            return 0.0  # nothing generated: the hardest level
-        scores = await probe.score(requests)
-        run.usage.reward_tokens += scores.tokens
-        run.usage.reward_calls += 1
-        return sum(scores.values) / len(scores.values)
+        def request(p: Particle) -> ScoreRequest:
+            steps = p.steps[:1] if first_step else p.steps
+            return ScoreRequest(run.prompt, tuple(s.text for s in steps), records=tuple(steps))
+
+        scored = [i for i, p in enumerate(samples) if p.steps]
+        values: list[float | None] = [None] * len(samples)
+        if scored:
+            scores = await probe.score([request(samples[i]) for i in scored])
+            run.usage.reward_tokens += scores.tokens
+            run.usage.reward_calls += 1
+            for i, value in zip(scored, scores.values, strict=True):
+                values[i] = value
+        return values
 
     async def finalise(self, run: Run) -> None:
         pass
 
     def pick(self, particles: Sequence[Particle]) -> Pick:
+        """The vote, weighted by the samples' values when the level's choice set them."""
+        if particles and all(p.score is not None for p in particles):
+            return vote(particles, [p.score for p in particles])  # type: ignore[misc]
         return vote(particles)
 
 
