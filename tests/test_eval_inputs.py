@@ -300,6 +300,31 @@ def test_a_study_scored_by_a_learned_head_belongs_to_that_head(data_dir, tmp_pat
     assert identity(first) == identity(first)
 
 
+def test_a_compute_optimal_study_belongs_to_its_budget_policy(data_dir, tmp_path):
+    """The policy file decides each problem's budget: one fitted again must change the
+    study's identity; studies without compute-optimal keep theirs."""
+    from itscale.search.allocation import SHIPPED
+
+    dataset = load_dataset("gsm8k", data_dir)
+
+    def identity(algorithms: tuple[str, ...], **options) -> dict:
+        plan = Plan(dataset, algorithms, (4,), (0,), SearchSettings(), "probe", Backend("qwen2.5-coder-0.5b"), options)
+        return plan.identity()
+
+    assert identity(("best-of-n",))["options"] == {"best-of-n": {}}
+    shipped = identity(("compute-optimal",))["options"]["compute-optimal"]
+    digest = hashlib.sha256((SHIPPED / "qwen2.5-coder-0.5b.json").read_bytes()).hexdigest()
+    assert shipped == {"policy_sha256": digest}
+    (tmp_path / "a.json").write_text('{"format": 2}')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "budget-policy.json").write_text('{"format": 2, "refitted": true}')
+    own = [
+        identity(("compute-optimal",), **{"compute-optimal": {"policy": str(tmp_path / name)}})["options"]
+        for name in ("a.json", "b")
+    ]
+    assert own[0]["compute-optimal"]["policy_sha256"] != own[1]["compute-optimal"]["policy_sha256"] != digest
+
+
 def test_units_reuse_samples_only_where_the_algorithm_allows(data_dir):
     dataset = load_dataset("gsm8k", data_dir)
     plan = Plan(

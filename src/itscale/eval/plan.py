@@ -120,12 +120,24 @@ class Plan:
             "model": self.backend.identity(),
             "reward": self.reward,
             "settings": settings,
-            "options": {a: self.options.get(a, {}) for a in self.algorithms},
+            "options": {a: self._identity_options(a) for a in self.algorithms},
         }
         heads = self._probe_heads()
         if heads:  # only then: the identities of studies without a learned head stay as they were
             identity["probe_heads"] = heads
         return identity
+
+    def _identity_options(self, algorithm: str) -> dict[str, Any]:
+        """An algorithm's options, and for compute-optimal the sha256 of the budget policy it
+        reads (the option's file, else the one shipped for the model): a policy fitted again
+        must not allocate into a study begun with the old one."""
+        options = dict(self.options.get(algorithm, {}))
+        if algorithm == "compute-optimal":
+            from itscale.search.allocation import policy_digest, shipped_policy
+
+            model = self.backend.backend_model or self.backend.model
+            options["policy_sha256"] = policy_digest(options.get("policy") or shipped_policy(model))
+        return options
 
     def _probe_heads(self) -> list[str | None]:
         """The weights' sha256 of every learned head the reward reads (the spec's path, else

@@ -235,9 +235,7 @@ class BudgetPolicy:
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetPolicy:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "budget-policy.json"
+        path = policy_file(path)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -260,6 +258,20 @@ class BudgetPolicy:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise UsageError(f"the budget policy {path} is incomplete ({error}): fit it again") from None
+
+
+def policy_file(path: str | Path) -> Path:
+    """The policy file a path names: the file, or budget-policy.json in a directory."""
+    path = Path(path).expanduser()
+    return path / "budget-policy.json" if path.is_dir() else path
+
+
+def policy_digest(path: str | Path | None) -> str | None:
+    """The sha256 of a policy file (None without one): what a study's identity records."""
+    import hashlib
+
+    file = policy_file(path) if path is not None else None
+    return hashlib.sha256(file.read_bytes()).hexdigest() if file is not None and file.is_file() else None
 
 
 def shipped_policy(model_name: str) -> Path | None:
