@@ -63,8 +63,11 @@ def main() -> None:
     b0 = policy.first_batch
     # A policy reading a head (its levels, its weighted vote): the values by the policy's own
     # head as the rewards benchmark scored these samples with it.
-    reads_head = policy.value_edges is not None or any(c.selection != "vote" for c in policy.choices)
-    values = probe_scores(policy.card["head_sha256"][:12]) if reads_head else None
+    values = probe_scores(policy.card["head_sha256"][:12]) if policy.reads_head else None
+    if values is not None:
+        unscored = [p["id"] for p in problems if p["id"] not in values]
+        if unscored:
+            sys.exit(f"{len(unscored)} problems lack the head's scores: run benchmarks/rewards.py --probe HEAD again")
     rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     per_problem = []
     for problem in problems:
@@ -73,7 +76,7 @@ def main() -> None:
         right = [bool(p["correct"]) for p in particles]
         tokens = np.cumsum([sum(s["tokens"] for s in p["steps"]) for p in particles])
         steps = values[problem["id"]]["steps"] if values is not None else None
-        finals = [s[-1] for s in steps] if steps is not None else None
+        finals = [s[-1] if s else 0.0 for s in steps] if steps is not None else None  # no step: no answer
         if policy.value_edges is None:
             level = level_of(classes[:b0])
         else:

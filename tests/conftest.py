@@ -35,7 +35,7 @@ def any_generator_policy() -> str:
 
     path = Path(tempfile.mkdtemp(prefix="itscale-policy-")) / "policy.json"
     accuracy = [[0.1, 0.5], [0.2, 0.6], [0.3, 0.7]]
-    BudgetPolicy({"name": "any"}, 2, [2, 4], [1 / 3] * 3, accuracy).save(path)
+    BudgetPolicy({"name": "any"}, 2, [("vote", 2), ("vote", 4)], [1 / 3] * 3, accuracy).save(path)
     return str(path)
 
 

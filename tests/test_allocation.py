@@ -106,7 +106,9 @@ def test_a_value_policy_levels_problems_by_the_first_batch_value(tmp_path) -> No
     by_kind = [0.9] * 4 + [0.1] * 4 + [0.5] * 4
     rng = random.Random(2)
     first_values = [[v + rng.uniform(-0.05, 0.05) for _ in r["samples"]] for v, r in zip(by_kind, records, strict=True)]
-    policy = fit_policy(records, GENERATOR, first_batch=2, orders=50, seed=1, first_values=first_values)
+    policy = fit_policy(
+        records, GENERATOR, first_batch=2, orders=50, seed=1, first_values=first_values, head_sha256="c" * 64
+    )
     assert policy.levels == 3 and len(policy.value_edges) == 2
     assert [value_level(v, policy.value_edges) for v in (0.1, 0.5, 0.9)] == [0, 1, 2]
     assert policy.frequency == pytest.approx([1 / 3] * 3)
@@ -144,8 +146,21 @@ def test_a_policy_weighs_the_vote_where_the_head_tells_right_from_wrong(tmp_path
     data = json.loads(path.read_text())
     del data["head_sha256"]
     path.write_text(json.dumps(data))
-    with pytest.raises(UsageError, match="names none"):
+    with pytest.raises(UsageError, match="reads a learned head but names none"):
         BudgetPolicy.load(path)
+
+
+def test_compute_optimal_weighs_the_vote_only_when_the_samples_carry_values() -> None:
+    """The weighted vote lets a minority answer the head values win; without values (a
+    level whose choice is the plain vote) the count decides."""
+    from itscale.types import Particle, Step
+
+    def sample(answer: str, score: float | None) -> Particle:
+        return Particle(0, [Step(f"So \\boxed{{{answer}}}.", 5, "eos")], finished=True, score=score)
+
+    search = make_algorithm("compute-optimal")
+    assert search.pick([sample("5", 0.9), sample("6", 0.2), sample("6", 0.3)]).answer == "5"
+    assert search.pick([sample("5", None), sample("6", None), sample("6", None)]).answer == "6"
 
 
 def test_a_policy_file_of_the_first_format_is_a_vote_policy(tmp_path) -> None:

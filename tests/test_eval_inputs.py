@@ -194,6 +194,20 @@ def test_a_different_configuration_is_refused_naming_the_setting(tmp_path):
         out.check(identity(max_steps=3))
 
 
+def test_an_algorithm_added_later_brings_its_options_into_the_identity(tmp_path):
+    """Adding an algorithm to a study is allowed; from then on its options (for
+    compute-optimal, the policy's sha256) are part of what later runs must match."""
+    out = OutputDir(tmp_path / "run")
+    out.path.mkdir()
+    out.record({**identity(), "options": {"best-of-n": {}}}, {"command": ["a"]})
+    added = {**identity(), "options": {"best-of-n": {}, "compute-optimal": {"policy_sha256": "a" * 64}}}
+    out.record(added, {"command": ["b"]})
+    assert out.read_config()["identity"]["options"] == added["options"]
+    with pytest.raises(UsageError, match=r"options\.compute-optimal\.policy_sha256: was"):
+        out.check({**identity(), "options": {"compute-optimal": {"policy_sha256": "b" * 64}}})
+    out.check({**identity(), "options": {"best-of-n": {}}})  # a run without it still matches
+
+
 def test_an_identity_is_compared_as_it_is_stored(tmp_path):
     # Settings hold tuples (stop strings); config.json holds lists. A directory must match
     # the settings it was made with, whatever the field's Python type (CI found

@@ -186,6 +186,27 @@ def test_training_recovers_a_known_linear_rule() -> None:
     assert np.array_equal(again.weights[0], head.weights[0])
 
 
+def test_out_of_fold_values_read_the_first_and_the_last_step() -> None:
+    """The policy's difficulty reads each sample's first step and its weighted vote the
+    finished sample: here only the last step's state tells right from wrong."""
+    from itscale.rewards.training import encode_features, out_of_fold_values
+
+    rng = np.random.default_rng(0)
+    d, records = 8, []
+    for i in range(40):
+        samples = []
+        for _ in range(4):
+            right = bool(rng.random() < 0.5)
+            rows = rng.normal(0, 0.3, (3, d)).astype(np.float32)
+            rows[-1, 0] += 2.0 if right else -2.0
+            samples.append({"answer": "1", "correct": right, "features": encode_features(rows)})
+        records.append({"problem": f"p{i}", "samples": samples})
+    first, final = out_of_fold_values(records, d, ["final"], TrainSettings(kind="linear", seed=0), folds=4)
+    right = [s["correct"] for r in records for s in r["samples"]]
+    assert auroc([v for vs in final for v in vs], right) > 0.95
+    assert auroc([v for vs in first for v in vs], right) < 0.75
+
+
 def test_the_mlp_learns_a_rule_a_line_cannot() -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4000, 8)).astype(np.float32)

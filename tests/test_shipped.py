@@ -37,6 +37,6 @@ def test_a_shipped_policy_belongs_to_its_model(path) -> None:
     policy = BudgetPolicy.load(path)
     assert path.stem in MODELS and policy.generator["gguf_sha256"] == MODELS[path.stem].sha256
     assert not policy.card["data"]["dataset"].endswith("_test.jsonl")
-    assert policy.allocate(policy.first_batch) == [policy.first_batch] * policy.levels
-    if policy.value_edges is not None:  # its difficulty is read from the head shipped beside it
+    assert [c.budget for c in policy.allocate(policy.first_batch)] == [policy.first_batch] * policy.levels
+    if policy.reads_head:  # its difficulty or its weighted vote is read from the head shipped beside it
         assert policy.card["head_sha256"] == head_digest(HEADS / path.stem)

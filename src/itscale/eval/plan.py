@@ -135,9 +135,23 @@ class Plan:
         if algorithm == "compute-optimal":
             from itscale.search.allocation import policy_digest, shipped_policy
 
-            model = self.backend.backend_model or self.backend.model
-            options["policy_sha256"] = policy_digest(options.get("policy") or shipped_policy(model))
+            options["policy_sha256"] = policy_digest(options.get("policy") or shipped_policy(self._generator_name()))
         return options
+
+    def _generator_name(self) -> str:
+        """The name the generator goes by once open (what shipped policies are looked up by)."""
+        from itscale.lm.models import model_name
+
+        if self.backend.backend_url:
+            return self.backend.backend_model or self.backend.backend_url
+        return model_name(self.backend.model)
+
+    def _embedded_name(self) -> str | None:
+        """The name of the embedded engine a learned head reads (the judge beside a server)."""
+        from itscale.lm.models import model_name
+
+        embedded = self.backend.judge_model if self.backend.backend_url else self.backend.model
+        return model_name(embedded) if embedded else None
 
     def _probe_heads(self) -> list[str | None]:
         """The weights' sha256 of every learned head the reward reads (the spec's path, else
@@ -146,7 +160,7 @@ class Plan:
         from itscale.rewards.probe import head_digest, shipped_head
         from itscale.rewards.spec import parse_spec
 
-        embedded = self.backend.judge_model if self.backend.backend_url else self.backend.model
+        embedded = self._embedded_name()
         heads = []
         for factor in parse_spec(self.reward):
             if factor.name == "probe":

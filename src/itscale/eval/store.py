@@ -150,9 +150,15 @@ class OutputDir:
             )
 
     def record(self, identity: dict[str, Any], run: dict[str, Any]) -> None:
-        """Saves the identity (first time) and appends `run` (the command and its grid)."""
+        """Saves the identity (first time) and appends `run` (the command and its grid). An
+        algorithm new to the directory adds its options to the saved identity, so that a later
+        run is compared with them too."""
         self.check(identity)
         config = self.read_config() or {"version": 1, "identity": identity, "runs": []}
+        if "options" in identity:
+            saved = config["identity"].setdefault("options", {})
+            for algorithm, options in json.loads(json.dumps(identity["options"])).items():
+                saved.setdefault(algorithm, options)
         config["runs"].append(run)
         write_json_atomic(self.config_path, config)
 

@@ -51,7 +51,7 @@ from itscale.lm.amx_check import extra_buffers_usable
 from itscale.lm.base import Branch, StepOutput, StepSettings, ends_rollout, step_end
 from itscale.lm.chat import CHATML, ChatTemplate
 from itscale.lm.layers import FINAL, LayerObserver, layer_names, rows_by_entry
-from itscale.lm.models import DEFAULT_MODEL, MODELS, model_path
+from itscale.lm.models import DEFAULT_MODEL, model_name, model_path
 from itscale.lm.sampling import candidate_logprobs, sample_token
 from itscale.types import Prompt
 
@@ -246,7 +246,7 @@ class LlamaCppModel:
         _init_backend()
         self._ll = llama_cpp
         self.path = model_path(str(model))
-        self.name = str(model) if str(model) in MODELS else self.path.stem
+        self.name = model_name(str(model))
         self.n_ctx, self.n_batch, self.n_seq_max = n_ctx, n_batch, n_seq_max
         self.kv_layout = kv_layout
         # The most tokens one sequence can hold.

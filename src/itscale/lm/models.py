@@ -166,6 +166,12 @@ def _assemble(model: NamedModel, sources: list[Path], target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def model_name(name_or_path: str) -> str:
+    """The name an embedded engine goes by: a named model's name, else its GGUF file's stem
+    (shipped heads and budget policies are looked up by it)."""
+    return name_or_path if name_or_path in MODELS else Path(name_or_path).expanduser().stem
+
+
 def model_path(name_or_path: str) -> Path:
     """A verified local GGUF for a named model, or the path itself for a .gguf file."""
     if name_or_path in MODELS:

@@ -185,8 +185,11 @@ class ComputeOptimal(Search):
     `policy`: a policy file (`itscale fit-budget-policy`); by default the one shipped for
     the generator. A policy that reads a learned head (for the level or to weigh) reads the
     head it was fitted with: `head`, a head directory, by default the one shipped for the
-    generator (its weights must be the policy's). The result reports the level, the choice
-    and the allocation; the weighted vote leaves each sample's value as its score."""
+    generator (its weights must be the policy's). The result reports the level, the samples
+    used, the selection and the allocation; the weighted vote (weighted best-of-N with the
+    probe as the reward) leaves each sample's value as its score and names the head in
+    `weighted_by`. The run has no reward of its own (`uses_reward` is false), so scores are
+    set only there."""
 
     name = "compute-optimal"
     independent_rollouts = True
@@ -248,6 +251,7 @@ class ComputeOptimal(Search):
         if choice.selection == "weighted-vote":
             for p, value in zip(samples, await self._values(run, probe, samples, first_step=False), strict=True):
                 p.score = value if value is not None else 0.0
+            run.diagnostics["weighted_by"] = policy.card["head_sha256"]
         run.particles = samples
         run.diagnostics.update(
             {
