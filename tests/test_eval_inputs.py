@@ -617,3 +617,33 @@ def test_many_algorithms_get_a_panel_each_below_the_overview(tmp_path):
         heights[name] = min(h for h, _ in shapes)
         assert not list(out.glob(".*.tmp.png"))  # written atomically, nothing half-written left
     assert heights["many"] > 1.5 * heights["few"]
+
+
+def test_a_study_is_set_against_a_baseline_study_problem_by_problem(tmp_path):
+    """`itscale report DIR --baseline OTHER`: the same cells of two studies over the same
+    problems (another reward, say), paired, with what differs between them named."""
+    from itscale.eval.report import write_report
+
+    def study(name: str, reward: str, right: list[bool], source: str = "gsm8k_test.jsonl") -> Path:
+        out = OutputDir(tmp_path / name)
+        out.path.mkdir()
+        out.record({"dataset": {"source": source}, "reward": reward, "options": {"greedy": {}}}, {"command": ["x"]})
+        records = []
+        for i, ok in enumerate(right):
+            answer = "4" if ok else "5"
+            records.append({**record(f"p{i}"), "answer": answer, "correct": ok})
+        out.results.append(records)
+        return out.path
+
+    baseline = study("heuristic", "arithmetic", [True, False, False, False])
+    learned = study("probe", "probe", [True, True, True, False, True])  # one problem more
+    assert main(["report", str(learned), "--baseline", str(baseline)]) == 0
+    report = json.loads((learned / "report.json").read_text())["baseline"]
+    assert report["changed"] == ['reward: was "arithmetic", now "probe"']
+    (cell,) = report["differences"]
+    assert (cell["algorithm"], cell["budget"], cell["problems"]) == ("greedy", 1, 4)  # the common problems
+    assert (cell["accuracy"], cell["baseline_accuracy"], cell["difference"]) == pytest.approx((0.75, 0.25, 0.5))
+    assert "| greedy | 1 | 4 | 75.0% | 25.0% | +50.0 (" in (learned / "report.md").read_text()
+    other = study("math", "arithmetic", [True], source="math500_test.jsonl")
+    with pytest.raises(UsageError, match="over another dataset"):
+        write_report(learned, baseline=other)

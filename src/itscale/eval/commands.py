@@ -84,6 +84,12 @@ def add_commands(subparsers: Any) -> None:
         help="algorithms set against every other, paired over problems (comma-separated; "
         "default: particle-filter when present; '' for none)",
     )
+    report.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="another eval directory over the same dataset (another reward, say): every cell both have is "
+        "set against it, paired over problems",
+    )
     report.set_defaults(handler=_report)
 
 
@@ -198,7 +204,7 @@ def _names(text: str) -> list[str]:
 def _report(args: argparse.Namespace) -> int:
     from itscale.eval.report import print_table, write_report
 
-    rows, paths = write_report(args.directory, compare=args.compare)
+    rows, paths = write_report(args.directory, compare=args.compare, baseline=args.baseline)
     print_table(rows)
     for path in paths.values():
         print(path)

@@ -188,16 +188,32 @@ class Difference:
 DEFAULT_COMPARED = ("particle-filter",)
 
 
-def paired_differences(records: list[dict[str, Any]], compared: list[str], algorithms: list[str]) -> list[Difference]:
-    """Each of `compared` against every other algorithm (in the order of `algorithms`) at
-    every budget both have, over the problems both have (a problem's score: its mean over
-    seeds)."""
+def cell_scores(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (algorithm, budget): each problem's score, its accuracy averaged over seeds."""
     scores: dict[tuple[str, int], dict[str, float]] = {}
     for cell, group in cells_of(records).items():
         per_problem: dict[str, list[float]] = defaultdict(list)
         for r in group:
             per_problem[r["problem"]].append(float(bool(r["correct"])))
         scores[cell] = {problem: float(np.mean(v)) for problem, v in per_problem.items()}
+    return scores
+
+
+def paired(mine: dict[str, float], theirs: dict[str, float]) -> tuple[int, float, float, float] | None:
+    """(problems, mean difference, 95% interval) of two cells' scores over their common problems."""
+    common = sorted(mine.keys() & theirs.keys())
+    if not common:
+        return None
+    delta = np.array([mine[p] - theirs[p] for p in common])
+    low, high = bootstrap_interval(delta)
+    return len(common), float(delta.mean()), low, high
+
+
+def paired_differences(records: list[dict[str, Any]], compared: list[str], algorithms: list[str]) -> list[Difference]:
+    """Each of `compared` against every other algorithm (in the order of `algorithms`) at
+    every budget both have, over the problems both have (a problem's score: its mean over
+    seeds)."""
+    scores = cell_scores(records)
     differences = []
     order = {a: i for i, a in enumerate(algorithms)}
     cells = sorted(scores.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0]))
@@ -206,13 +222,58 @@ def paired_differences(records: list[dict[str, Any]], compared: list[str], algor
             mine = scores.get((algorithm, budget))
             if other == algorithm or mine is None:
                 continue
-            common = sorted(mine.keys() & theirs.keys())
-            if not common:
-                continue
-            delta = np.array([mine[p] - theirs[p] for p in common])
-            low, high = bootstrap_interval(delta)
-            differences.append(Difference(algorithm, other, budget, len(common), float(delta.mean()), low, high))
+            both = paired(mine, theirs)
+            if both is not None:
+                differences.append(Difference(algorithm, other, budget, *both))
     return differences
+
+
+@dataclass
+class BaselineDifference:
+    """This study's `algorithm` at `budget` against the same cell of a baseline study (same
+    dataset, something else changed: the reward, a setting), paired over common problems."""
+
+    algorithm: str
+    budget: int
+    problems: int
+    accuracy: float
+    baseline_accuracy: float
+    difference: float
+    ci_low: float
+    ci_high: float
+
+
+def baseline_differences(
+    records: list[dict[str, Any]], baseline: list[dict[str, Any]], algorithms: list[str]
+) -> list[BaselineDifference]:
+    mine, theirs = cell_scores(records), cell_scores(baseline)
+    order = {a: i for i, a in enumerate(algorithms)}
+    out = []
+    for cell in sorted(mine.keys() & theirs.keys(), key=lambda c: (order.get(c[0], len(order)), c)):
+        both = paired(mine[cell], theirs[cell])
+        if both is None:
+            continue
+        problems = sorted(mine[cell].keys() & theirs[cell].keys())
+        accuracy = float(np.mean([mine[cell][p] for p in problems]))
+        baseline_accuracy = float(np.mean([theirs[cell][p] for p in problems]))
+        out.append(BaselineDifference(*cell, both[0], accuracy, baseline_accuracy, *both[1:]))
+    return out
+
+
+def load_baseline(path: Path, baseline: str | Path, config: dict[str, Any]) -> tuple[dict, list[dict], list[str]]:
+    """A baseline directory's config and complete records, and how its identity differs from
+    this one's; a baseline over another dataset is refused (nothing to pair)."""
+    from itscale.eval.store import diff_identity
+
+    other_config, other_records = load(baseline)
+    dataset, other_dataset = config["identity"].get("dataset"), other_config["identity"].get("dataset")
+    if dataset != other_dataset:
+        raise UsageError(
+            f"--baseline {baseline} is over another dataset ({other_dataset}) than {path} ({dataset}): "
+            "a baseline pairs the same problems"
+        )
+    other_records, _ = complete_problems(other_records)
+    return other_config, other_records, diff_identity(other_config["identity"], config["identity"])
 
 
 def complete_problems(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -243,10 +304,14 @@ def algorithm_order(config: dict[str, Any]) -> list[str]:
     return list(names)
 
 
-def write_report(directory: str | Path, compare: list[str] | None = None) -> tuple[list[Row], dict[str, Path]]:
+def write_report(
+    directory: str | Path, compare: list[str] | None = None, baseline: str | Path | None = None
+) -> tuple[list[Row], dict[str, Path]]:
     """Writes report.md, report.json and the plots into `directory`; returns the rows and
     the files' paths. `compare`: the algorithms set against every other, paired over problems
-    (default: particle filtering, where the directory has it; [] for none)."""
+    (default: particle filtering, where the directory has it; [] for none). `baseline`:
+    another study's directory over the same dataset; every cell both have is set against it,
+    paired over problems."""
     path = Path(directory)
     config, records = load(path)
     records, left_out = complete_problems(records)
@@ -261,6 +326,14 @@ def write_report(directory: str | Path, compare: list[str] | None = None) -> tup
     algorithms = algorithm_order(config)
     rows = summarise(records, algorithms)
     differences = paired_differences(records, compare, algorithms)
+    against: dict[str, Any] | None = None
+    if baseline is not None:
+        _, baseline_records, changed = load_baseline(path, baseline, config)
+        against = {
+            "directory": str(baseline),
+            "changed": changed,
+            "differences": baseline_differences(records, baseline_records, algorithms),
+        }
     curves = coverage_curves(records)
     notes = [TOKEN_NOTE]
     unfinished = unfinished_note(config, records, left_out)
@@ -274,8 +347,10 @@ def write_report(directory: str | Path, compare: list[str] | None = None) -> tup
         "coverage": [asdict(c) for c in curves],
         "notes": notes,
     }
+    if against is not None:
+        report["baseline"] = {**against, "differences": [asdict(d) for d in against["differences"]]}
     write_json_atomic(paths["json"], report)
-    write_atomic(paths["markdown"], markdown(config, rows, notes, differences, curves))
+    write_atomic(paths["markdown"], markdown(config, rows, notes, differences, curves, against))
     from itscale.eval.plots import plot_coverage, plot_scaling
 
     paths.update(plot_scaling(rows, path, title=_title(config)))
@@ -310,6 +385,7 @@ def markdown(
     notes: list[str],
     differences: list[Difference] = (),
     curves: list[CoverageCurve] = (),
+    against: dict[str, Any] | None = None,
 ) -> str:
     identity = config.get("identity", {})
     settings = identity.get("settings", {})
@@ -372,8 +448,37 @@ def markdown(
         lines += ["", "## Coverage and selection"]
         lines += coverage_table(list(curves))
     lines += comparison_tables(differences)
+    if against is not None:
+        lines += baseline_table(against)
     lines.append("")
     return "\n".join(lines)
+
+
+def baseline_table(against: dict[str, Any]) -> list[str]:
+    """This study against a baseline study, cell by cell, paired over problems."""
+    differences: list[BaselineDifference] = against["differences"]
+    changed = "; ".join(f"`{c}`" for c in against["changed"]) or "nothing in their identities"
+    lines = [
+        "",
+        f"## Against the baseline `{against['directory']}`, paired over problems",
+        "",
+        f"What differs from the baseline: {changed}. Each row: this study's accuracy minus the baseline's in "
+        "the same (algorithm, budget), in points, over the problems both have, with a 95% paired bootstrap "
+        "interval.",
+        "",
+        "| algorithm | budget | problems | this | baseline | difference (95% CI) |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for d in differences:
+        lines.append(
+            f"| {d.algorithm} | {d.budget} | {d.problems} | {d.accuracy:.1%} | {d.baseline_accuracy:.1%} "
+            f"| {100 * d.difference:+.1f} ({100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f})"
+            + (" **" if d.ci_low > 0 or d.ci_high < 0 else "")
+            + " |"
+        )
+    if not differences:
+        lines.append("| (no cell in common) | | | | | |")
+    return lines
 
 
 def selection_table(rows: list[Row]) -> list[str]:
