@@ -336,6 +336,8 @@ def test_fit_budget_policy_from_train_reward_rollouts(tmp_path) -> None:
         (["--difficulty", "value"], "no head is shipped for toy"),
         (["--head", str(tmp_path)], "--head goes with --difficulty value"),
         (["--difficulty", "value", "--folds", "1"], "must be at least 2"),
+        (["--selections", "weighted-vote"], "no head is shipped for toy"),
+        (["--selections", "vote,best"], "--selections takes some of vote, weighted-vote"),
     ):
         done = itscale("fit-budget-policy", *rollouts, *args)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)

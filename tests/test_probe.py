@@ -451,6 +451,18 @@ def test_train_reward_end_to_end_resumes_after_a_kill(smol, tmp_path) -> None:
     assert policy["head_sha256"] == head_digest(out)
     # The vote, and the vote weighted by the head's out-of-fold value of each finished sample.
     assert policy["choices"] == [["vote", 1], ["vote", 2], ["weighted-vote", 1], ["weighted-vote", 2]]
+    # Levels by agreement, the weighted vote only.
+    weighted = subprocess.run(
+        [sys.executable, "-m", "itscale.cli", "fit-budget-policy", "--rollouts", str(out), "--out", str(policy_file),
+         "--selections", "weighted-vote", "--head", str(out), "--folds", "2", "--first-batch", "1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert weighted.returncode == 0, weighted.stderr
+    policy = json.loads(policy_file.read_text())
+    assert policy["difficulty"].startswith("agreement") and "value_edges" not in policy
+    assert policy["choices"] == [["weighted-vote", 1], ["weighted-vote", 2]] and policy["head_sha256"] == head_digest(
+        out
+    )
     # A layer the rollouts were not sampled with is evaluated from their text, once, into a
     # file of its own; the head reads it, and the probe turns it on in the engine.
     layered = tmp_path / "layered"

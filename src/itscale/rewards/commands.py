@@ -410,7 +410,15 @@ def add_policy_command(subparsers: Any) -> None:
         default="agreement",
         help="agreement of the first batch (default), or a learned head's mean value after its first steps",
     )
-    parser.add_argument("--head", help="with --difficulty value: the head (default: the one shipped for the model)")
+    parser.add_argument(
+        "--selections",
+        help="the selection rules the policy chooses among, comma-separated: vote, weighted-vote (the vote weighted "
+        "by the head's value of each sample); default vote,weighted-vote with --difficulty value, else vote",
+    )
+    parser.add_argument(
+        "--head",
+        help="with --difficulty value or the weighted vote: the head (default: the one shipped for the model)",
+    )
     parser.add_argument("--value-levels", type=int, default=3, help="with --difficulty value: levels (default 3)")
     parser.add_argument(
         "--folds", type=int, default=5, help="with --difficulty value: folds of the out-of-fold values (default 5)"
@@ -450,6 +458,19 @@ def _head_values(args: argparse.Namespace, directory: Any, records: list, genera
     return first, final, head_digest(head)
 
 
+def _selections(args: argparse.Namespace) -> list[str]:
+    from itscale.errors import UsageError
+    from itscale.search.allocation import SELECTIONS
+
+    if args.selections is None:
+        return ["vote", "weighted-vote"] if args.difficulty == "value" else ["vote"]
+    names = list(dict.fromkeys(n.strip() for n in args.selections.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SELECTIONS]
+    if unknown or not names:
+        raise UsageError(f"--selections takes some of {', '.join(SELECTIONS)}; got {args.selections!r}")
+    return names
+
+
 def _fit_policy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -469,21 +490,23 @@ def _fit_policy(args: argparse.Namespace) -> int:
     if Path(source).stem.endswith("_test") and not args.allow_test_split:
         raise UsageError(f"the rollouts in {args.rollouts} come from a test split ({source}): fit on training data")
     records = list(directory.results.load(repair=False).values())
+    selections = _selections(args)
     first_values, final_values, head_sha = None, None, None
-    if args.difficulty == "value":
+    if args.difficulty == "value" or "weighted-vote" in selections:
         first_values, final_values, head_sha = _head_values(args, directory, records, identity["generator"])
     elif args.head is not None:
-        raise UsageError("--head goes with --difficulty value")
+        raise UsageError("--head goes with --difficulty value or --selections with weighted-vote")
     policy = fit_policy(
         records,
         identity["generator"],
         args.first_batch,
         args.orders,
         args.seed,
-        first_values,
+        first_values if args.difficulty == "value" else None,
         args.value_levels,
-        final_values,
+        final_values if "weighted-vote" in selections else None,
         head_sha,
+        selections,
     )
     command = command_line(args, "fit-budget-policy")
     policy.card.update({"data": {"rollouts": str(args.rollouts), "dataset": source}, "command": command})

@@ -304,6 +304,7 @@ def fit_policy(
     value_levels: int = 3,
     final_values: Sequence[Sequence[float]] | None = None,
     head_sha256: str | None = None,
+    selections: Sequence[str] | None = None,
 ) -> BudgetPolicy:
     """A policy from graded samples: `records` as `itscale train-reward` writes them (per
     problem, "samples" with "answer" and "correct"). Every problem's K samples are taken in
@@ -315,7 +316,9 @@ def fit_policy(
     first step, from a head that did not train on that record), the level is the first
     batch's mean value, binned into `value_levels` levels at the quantiles of those means.
     With `final_values` (likewise, the value of the finished sample), the vote weighted by
-    them is a choice too, at every budget; `head_sha256` names the head both come from."""
+    them is a choice too, at every budget; `head_sha256` names the head both come from.
+    `selections` narrows the rules (default: the vote, and the weighted vote where
+    `final_values` are given)."""
     sizes = {len(r["samples"]) for r in records}
     if not records:
         raise UsageError("no sampled problems to fit a budget policy on: sample with `itscale train-reward` first")
@@ -327,7 +330,10 @@ def fit_policy(
     if (first_values is not None or final_values is not None) and not head_sha256:
         raise ValueError("values from a learned head need that head's sha256 (head_sha256)")
     budgets = sorted({first_batch, k, *(2**i for i in range(10) if first_batch < 2**i < k)})
-    selections = ["vote", "weighted-vote"] if final_values is not None else ["vote"]
+    if selections is None:
+        selections = ["vote", "weighted-vote"] if final_values is not None else ["vote"]
+    if "weighted-vote" in selections and final_values is None:
+        raise ValueError("the weighted vote needs the head's values of the finished samples (final_values)")
     choices = [Choice(s, b) for s in selections for b in budgets]
     rng = random.Random(seed)
     # Every (problem, order): its answer classes, verdicts and final values in that order,
