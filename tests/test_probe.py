@@ -440,29 +440,26 @@ def test_train_reward_end_to_end_resumes_after_a_kill(smol, tmp_path) -> None:
     from itscale.rewards.probe import head_digest
 
     policy_file = tmp_path / "value-policy.json"
-    fitted = subprocess.run(
-        [sys.executable, "-m", "itscale.cli", "fit-budget-policy", "--rollouts", str(out), "--out", str(policy_file),
-         "--difficulty", "value", "--head", str(out), "--folds", "2", "--first-batch", "1"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert fitted.returncode == 0, fitted.stderr
-    policy = json.loads(policy_file.read_text())
+
+    def fit_policy(*args: str) -> dict:
+        fitted = subprocess.run(
+            [sys.executable, "-m", "itscale.cli", "fit-budget-policy", "--rollouts", str(out), "--out",
+             str(policy_file), "--head", str(out), "--folds", "2", "--first-batch", "1", *args],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert fitted.returncode == 0, fitted.stderr
+        return json.loads(policy_file.read_text())
+
+    policy = fit_policy("--difficulty", "value")
     assert policy["difficulty"].startswith("value") and len(policy["value_edges"]) == 2
     assert policy["head_sha256"] == head_digest(out)
     # The vote, and the vote weighted by the head's out-of-fold value of each finished sample.
     assert policy["choices"] == [["vote", 1], ["vote", 2], ["weighted-vote", 1], ["weighted-vote", 2]]
     # Levels by agreement, the weighted vote only.
-    weighted = subprocess.run(
-        [sys.executable, "-m", "itscale.cli", "fit-budget-policy", "--rollouts", str(out), "--out", str(policy_file),
-         "--selections", "weighted-vote", "--head", str(out), "--folds", "2", "--first-batch", "1"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert weighted.returncode == 0, weighted.stderr
-    policy = json.loads(policy_file.read_text())
+    policy = fit_policy("--selections", "weighted-vote")
     assert policy["difficulty"].startswith("agreement") and "value_edges" not in policy
-    assert policy["choices"] == [["weighted-vote", 1], ["weighted-vote", 2]] and policy["head_sha256"] == head_digest(
-        out
-    )
+    assert policy["choices"] == [["weighted-vote", 1], ["weighted-vote", 2]]
+    assert policy["head_sha256"] == head_digest(out)
     # A layer the rollouts were not sampled with is evaluated from their text, once, into a
     # file of its own; the head reads it, and the probe turns it on in the engine.
     layered = tmp_path / "layered"
