@@ -351,6 +351,31 @@ def test_fit_budget_policy_from_train_reward_rollouts(tmp_path) -> None:
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
+def test_eval_checks_the_budget_policy_before_opening_a_model(tmp_path) -> None:
+    """`itscale eval --algorithms compute-optimal`: a missing policy, one fitted for another
+    model, or a mean budget below its first batch is one clear line, and nothing is written."""
+    from itscale.lm.models import MODELS
+    from itscale.search.allocation import SHIPPED
+
+    qwen = SHIPPED / "qwen2.5-coder-0.5b.json"
+    smol = BudgetPolicy(
+        {"name": "smollm2-135m", "gguf_sha256": MODELS["smollm2-135m"].sha256}, 2, [("vote", 2), ("vote", 4)],
+        [1 / 3] * 3, [[0.1, 0.5], [0.2, 0.6], [0.3, 0.7]],
+    )  # fmt: skip
+    smol.save(tmp_path / "smol.json")
+    out = tmp_path / "out"
+    common = ["eval", "--dataset", "gsm8k", "--limit", "1", "--algorithms", "compute-optimal", "--out", str(out)]
+    for args, message in (
+        (["--model", "smollm2-135m", "--budgets", "4"], "no budget policy is shipped for smollm2-135m"),
+        (["--model", "smollm2-135m", "--budgets", "4", "--option", f"policy={qwen}"], "fitted for qwen2.5-coder-0.5b"),
+        (["--model", "smollm2-135m", "--budgets", "1,4", "--option", f"policy={tmp_path / 'smol.json'}"],
+         "mean budget 1 (auto:1) is below this policy's first batch of 2"),
+    ):  # fmt: skip
+        done = itscale(*common, *args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert not out.exists()
+
+
 def test_solve_with_an_auto_budget(smol, tmp_path) -> None:
     path = policy_for(tmp_path, smol, [[0.1, 0.5], [0.2, 0.6], [0.3, 0.7]])
     common = ["--model", "smollm2-135m", "--n-threads", str(THREADS), "--max-tokens", "24", "--json"]

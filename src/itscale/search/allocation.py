@@ -183,7 +183,8 @@ class BudgetPolicy:
         no head). Below the first batch no allocation exists: a UsageError."""
         if mean_budget < self.first_batch:
             raise UsageError(
-                f"budget auto:{mean_budget:g} is below this policy's first batch of {self.first_batch} samples: "
+                f"the mean budget {mean_budget:g} (auto:{mean_budget:g}) is below this policy's first batch of "
+                f"{self.first_batch} samples: "
                 f"use a mean budget of at least {self.first_batch}"
             )
         levels = range(self.levels)
@@ -286,6 +287,18 @@ def policy_digest(path: str | Path | None) -> str | None:
 
     file = policy_file(path) if path is not None else None
     return hashlib.sha256(file.read_bytes()).hexdigest() if file is not None and file.is_file() else None
+
+
+def load_policy_for(model_name: str, path: str | Path | None = None) -> BudgetPolicy:
+    """The policy at `path`, else the one shipped for the named model (a UsageError saying how
+    to fit one when there is none)."""
+    path = path or shipped_policy(model_name)
+    if path is None:
+        raise UsageError(
+            f"no budget policy is shipped for {model_name or 'this model'}: fit one with "
+            "`itscale fit-budget-policy --rollouts DIR --out FILE` and pass --option policy=FILE"
+        )
+    return BudgetPolicy.load(path)
 
 
 def shipped_policy(model_name: str) -> Path | None:

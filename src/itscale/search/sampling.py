@@ -23,7 +23,7 @@ from typing import Any
 from itscale.answers import is_equivalent
 from itscale.errors import UsageError
 from itscale.lm.base import StepSettings
-from itscale.search.allocation import BudgetPolicy, difficulty_level, shipped_policy, value_level
+from itscale.search.allocation import BudgetPolicy, difficulty_level, load_policy_for, value_level
 from itscale.search.base import Pick, Search, vote
 from itscale.search.population import Run
 from itscale.search.settings import SearchSettings
@@ -205,13 +205,7 @@ class ComputeOptimal(Search):
         return {**super().describe(), "policy": self.policy_path, "head": self.head_path}
 
     def load_policy(self, lm: Any) -> BudgetPolicy:
-        path = self.policy_path or shipped_policy(getattr(lm, "name", ""))
-        if path is None:
-            raise UsageError(
-                f"no budget policy is shipped for {getattr(lm, 'name', 'this model')}: fit one with "
-                "`itscale fit-budget-policy --rollouts DIR --out FILE` and pass --option policy=FILE"
-            )
-        policy = BudgetPolicy.load(path)
+        policy = load_policy_for(getattr(lm, "name", ""), self.policy_path)
         policy.check_generator(lm)
         return policy
 
