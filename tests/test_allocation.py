@@ -352,8 +352,9 @@ def test_fit_budget_policy_from_train_reward_rollouts(tmp_path) -> None:
 
 
 def test_eval_checks_the_budget_policy_before_opening_a_model(tmp_path) -> None:
-    """`itscale eval --algorithms compute-optimal`: a missing policy, one fitted for another
-    model, or a mean budget below its first batch is one clear line, and nothing is written."""
+    """`itscale eval --algorithms compute-optimal` (or `--budget auto:B`): a missing policy,
+    one fitted for another model, or a mean budget below its first batch is one clear line,
+    and nothing is written."""
     from itscale.lm.models import MODELS
     from itscale.search.allocation import SHIPPED
 
@@ -374,6 +375,20 @@ def test_eval_checks_the_budget_policy_before_opening_a_model(tmp_path) -> None:
         done = itscale(*common, *args)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
         assert not out.exists()
+    # `--budget auto:B`, as in solve: compute-optimal at mean budget B, alone.
+    common = ["eval", "--dataset", "gsm8k", "--limit", "1", "--model", "smollm2-135m", "--out", str(out)]
+    policy = ["--option", f"policy={tmp_path / 'smol.json'}"]
+    for args, message in (
+        (["--budget", "auto:1", *policy], "mean budget 1 (auto:1) is below"),
+        (["--budget", "auto:4", "--algorithms", "best-of-n"], "is compute-optimal at one mean budget"),
+        ([], "needs --algorithms"),
+    ):
+        done = itscale(*common, *args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    done = itscale(*common, "--budget", "auto:4", *policy, "--max-tokens", "24", "--n-threads", str(THREADS))
+    assert done.returncode == 0, done.stderr
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert (record["algorithm"], record["budget"], record["diagnostics"]["samples_used"]) == ("compute-optimal", 4, 4)
 
 
 def test_solve_with_an_auto_budget(smol, tmp_path) -> None:

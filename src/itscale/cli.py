@@ -97,8 +97,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> SearchSettings:
     if isinstance(getattr(args, "budget", None), str):
         raise UsageError(
-            f"--budget {args.budget} is for `itscale solve`; here name the algorithm compute-optimal and give "
-            "its mean budget as the budget (itscale eval: --algorithms compute-optimal --budgets B)"
+            f"--budget {args.budget} is for `itscale solve` and `itscale eval`; here name the algorithm "
+            "compute-optimal and give its mean budget as the budget"
         )
     values = {f: getattr(args, f) for f in SearchSettings.field_names() if getattr(args, f, None) is not None}
     return SearchSettings(**values)

@@ -51,8 +51,15 @@ def add_commands(subparsers: Any) -> None:
     run.add_argument(
         "--data-dir", help="where the named datasets live (default: $ITSCALE_DATA_DIR, else ../shared/data)"
     )
-    run.add_argument("--algorithms", required=True, help="comma-separated: " + ", ".join(algorithm_names()))
-    run.add_argument("--budgets", default="1,2,4,8,16", help="comma-separated positive integers (default 1,2,4,8,16)")
+    run.add_argument(
+        "--algorithms",
+        help="comma-separated: " + ", ".join(algorithm_names()) + " (with --budget auto:B: compute-optimal)",
+    )
+    run.add_argument(
+        "--budgets",
+        default=DEFAULT_BUDGETS,
+        help=f"comma-separated positive integers (default {DEFAULT_BUDGETS}); compute-optimal reads each as a mean",
+    )
     run.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     run.add_argument("--limit", type=int, help="only the first N problems")
     run.add_argument("--out", required=True, help="output directory (created; an existing one is resumed)")
@@ -99,8 +106,11 @@ def plan_from(args: argparse.Namespace) -> Plan:
     from itscale.eval.runner import reward_factors
     from itscale.rewards.registry import default_reward_for, reward_names
 
+    _resolve_auto_budget(args)
     if args.budget is not None or args.seed is not None:
         raise UsageError("itscale eval takes --budgets and --seeds (lists), not --budget or --seed")
+    if args.algorithms is None:
+        raise UsageError("itscale eval needs --algorithms (comma-separated), or --budget auto:B for compute-optimal")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be a positive integer, got {args.limit}")
     if args.workers < 1:
@@ -121,6 +131,23 @@ def plan_from(args: argparse.Namespace) -> Plan:
     settings = settings_from(args)
     dataset = load_dataset(args.dataset, args.data_dir)
     return Plan(dataset, algorithms, budgets, seeds, settings, reward, backend, options, args.limit)
+
+
+DEFAULT_BUDGETS = "1,2,4,8,16"
+
+
+def _resolve_auto_budget(args: argparse.Namespace) -> None:
+    """`--budget auto:B`, as in `itscale solve`: the compute-optimal algorithm at mean budget B
+    (the same as `--algorithms compute-optimal --budgets B`)."""
+    if not isinstance(args.budget, str):
+        return
+    if args.algorithms not in (None, "compute-optimal") or args.budgets != DEFAULT_BUDGETS:
+        raise UsageError(
+            f"--budget {args.budget} is compute-optimal at one mean budget; beside other algorithms or budgets, "
+            "name it in --algorithms and give its mean budgets in --budgets (--algorithms compute-optimal,... "
+            "--budgets 4,...)"
+        )
+    args.algorithms, args.budgets, args.budget = "compute-optimal", args.budget.removeprefix("auto:"), None
 
 
 def _check_budget_policy(model: str, path: str | None, budgets: tuple[int, ...]) -> None:
