@@ -247,6 +247,13 @@ def test_metrics_and_request_ids(server: Served) -> None:
         ({"model": "smollm2-135m", "messages": QUESTION, "budget": 9}, "budget", "between 1 and 8"),
         ({"model": "smollm2-135m", "messages": QUESTION, "budget": 0}, "budget", "between 1 and 8"),
         ({"model": "smollm2-135m", "messages": QUESTION, "budget": "4"}, "budget", "must be an integer"),
+        ({"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:x"}, "budget", "whole mean budget"),
+        (
+            {"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:4", "algorithm": "best-of-n"},
+            "budget",
+            "compute-optimal algorithm at a mean budget",
+        ),
+        ({"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:9"}, "budget", "between 1 and 8"),
         ({"model": "smollm2-135m", "messages": QUESTION, "temperature": "hot"}, "temperature", "must be a number"),
         ({"model": "smollm2-135m", "messages": []}, "messages", "non-empty list"),
         ({"model": "smollm2-135m", "messages": [{"role": "user"}]}, "messages[0].content", "string or a list"),
@@ -271,6 +278,14 @@ def test_every_bad_field_is_a_400_naming_it(server: Served, body: dict, param: s
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and message in error["message"], error
+
+
+def test_an_auto_budget_is_compute_optimal_and_needs_a_policy(server: Served) -> None:
+    """budget "auto:B" runs compute-optimal at mean budget B; a model without a budget policy
+    gets a 400 that says how to make one, before anything is generated."""
+    response = raw(server, {"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:4"})
+    assert response.status_code == 400, response.text
+    assert "no budget policy is shipped for smollm2-135m" in response.json()["error"]["message"]
 
 
 def test_malformed_json_and_oversized_bodies(server: Served) -> None:
@@ -504,6 +519,8 @@ def test_the_serve_command_checks_its_flags_before_loading_anything(tmp_path) ->
         (["--budget", "100"], "above --max-budget"),
         (["--reward", "vibes"], "unknown reward"),
         (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
+        (["--budget", "auto:4", "--algorithm", "best-of-n"], "compute-optimal algorithm, not best-of-n"),
+        (["--budget", "auto:4"], "no budget policy is shipped for smollm2-135m"),
     ):
         done = subprocess.run(
             [sys.executable, "-m", "itscale.cli", "serve", "--model", "smollm2-135m", *args],

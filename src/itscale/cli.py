@@ -97,7 +97,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> SearchSettings:
     if isinstance(getattr(args, "budget", None), str):
         raise UsageError(
-            f"--budget {args.budget} is for `itscale solve` and `itscale eval`; here name the algorithm "
+            f"--budget {args.budget} is for `itscale solve`, `eval` and `serve`; here name the algorithm "
             "compute-optimal and give its mean budget as the budget"
         )
     values = {f: getattr(args, f) for f in SearchSettings.field_names() if getattr(args, f, None) is not None}

@@ -105,6 +105,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     from itscale.cli import backend_from, parse_options, settings_from
     from itscale.eval.runner import reward_factors
     from itscale.rewards.registry import default_reward_for, reward_names
+    from itscale.search.allocation import check_policy_before_loading
 
     _resolve_auto_budget(args)
     if args.budget is not None or args.seed is not None:
@@ -127,7 +128,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     if unknown:
         raise UsageError(f"unknown reward {unknown[0]!r} in --reward: use one of {', '.join(reward_names())}")
     if "compute-optimal" in algorithms and not backend.backend_url:
-        _check_budget_policy(backend.model, options.get("compute-optimal", {}).get("policy"), budgets)
+        check_policy_before_loading(backend.model, options.get("compute-optimal", {}).get("policy"), budgets)
     settings = settings_from(args)
     dataset = load_dataset(args.dataset, args.data_dir)
     return Plan(dataset, algorithms, budgets, seeds, settings, reward, backend, options, args.limit)
@@ -148,21 +149,6 @@ def _resolve_auto_budget(args: argparse.Namespace) -> None:
             "--budgets 4,...)"
         )
     args.algorithms, args.budgets, args.budget = "compute-optimal", args.budget.removeprefix("auto:"), None
-
-
-def _check_budget_policy(model: str, path: str | None, budgets: tuple[int, ...]) -> None:
-    """Compute-optimal's policy, checked before a model is opened: it exists, belongs to the
-    model, and every budget (a mean per problem) is one it can allocate."""
-    from types import SimpleNamespace
-
-    from itscale.lm.models import MODELS, model_name
-    from itscale.search.allocation import load_policy_for
-
-    name = model_name(model)
-    policy = load_policy_for(name, path)
-    policy.check_generator(SimpleNamespace(name=name, sha256=MODELS[model].sha256 if model in MODELS else None))
-    for budget in budgets:
-        policy.allocate(budget)
 
 
 def command_line(args: argparse.Namespace, command: str = "eval") -> list[str]:

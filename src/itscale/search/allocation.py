@@ -301,6 +301,21 @@ def load_policy_for(model_name: str, path: str | Path | None = None) -> BudgetPo
     return BudgetPolicy.load(path)
 
 
+def check_policy_before_loading(model: str, path: str | Path | None, budgets: Sequence[int]) -> None:
+    """The policy compute-optimal will read for an embedded `model` (a name or GGUF path),
+    checked before the model is opened: it exists, belongs to the model (for a named model,
+    whose sha256 is known without reading the file), and can allocate every mean budget."""
+    from types import SimpleNamespace
+
+    from itscale.lm.models import MODELS, model_name
+
+    name = model_name(model)
+    policy = load_policy_for(name, path)
+    policy.check_generator(SimpleNamespace(name=name, sha256=MODELS[model].sha256 if model in MODELS else None))
+    for budget in budgets:
+        policy.allocate(budget)
+
+
 def shipped_policy(model_name: str) -> Path | None:
     """The policy shipped for a named model, if there is one."""
     path = SHIPPED / f"{model_name}.json"

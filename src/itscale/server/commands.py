@@ -42,7 +42,9 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument(
         "--api-key", default=None, help="require Authorization: Bearer KEY (default: $ITSCALE_API_KEY; none: open)"
     )
-    parser.add_argument("--algorithm", default="particle-filter", help="the default algorithm")
+    parser.add_argument(
+        "--algorithm", help="the default algorithm (particle-filter; with --budget auto:B, compute-optimal)"
+    )
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="its default options")
     parser.add_argument("--max-budget", type=int, default=64, help="the largest budget a request may ask (64)")
     parser.add_argument("--max-concurrency", type=int, default=4, help="searches running at once (4)")
@@ -60,7 +62,7 @@ def add_commands(subparsers: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from itscale.cli import backend_from, parse_options, settings_from
+    from itscale.cli import backend_from, parse_options, resolve_auto_budget, settings_from
     from itscale.errors import UsageError
     from itscale.search import make_algorithm
     from itscale.server.app import Limits, Server, create_app
@@ -69,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before a model is loaded.
     if args.seed is not None:
         raise UsageError("itscale serve takes the seed per request ('seed' in the body), not --seed")
+    resolve_auto_budget(args, "particle-filter")
     options = parse_options(args.option)
     make_algorithm(args.algorithm, **options)
     settings = settings_from(args)
@@ -79,6 +82,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("--max-queue must be >= 0, --request-timeout > 0 and --max-body-bytes >= 1024")
     if settings.budget > args.max_budget:
         raise UsageError(f"--budget {settings.budget} is above --max-budget {args.max_budget}")
+    if args.algorithm == "compute-optimal" and not args.backend_url:
+        from itscale.search.allocation import check_policy_before_loading
+
+        check_policy_before_loading(args.model, options.get("policy"), [settings.budget])
     if args.reward is not None:
         try:
             _check_reward(args.reward)

@@ -5,7 +5,9 @@ What a request may say, besides OpenAI's own fields (`model`, `messages` or `pro
 `temperature`, `top_p`, `max_tokens` / `max_completion_tokens`, `seed`, `stop`, `n`,
 `stream`, `stream_options`, `user`):
 
-- `algorithm`, `budget`, `reward`, `options` (the algorithm's own options, as `--option`),
+- `algorithm`, `budget` (a number of particles, or "auto:B": the compute-optimal algorithm
+  at a mean budget B, as `--budget auto:B`), `reward`, `options` (the algorithm's own
+  options, as `--option`),
   `trace` (return the search's trace), and every `SearchSettings` field under its own name
   (`max_steps`, `delimiter`, `max_step_tokens`, `token_budget`, `system_prompt`,
   `reward_fallback`, `reward_timeout`, `max_reward_failures`). The official `openai`
@@ -128,6 +130,9 @@ def parse_request(body: Any, kind: Literal["chat", "completions"], defaults: Def
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: a model name from GET /v1/models", param="model")
     algorithm, budget = resolve_model(model, defaults)
+    auto = _auto_budget(body)
+    if auto is not None:
+        algorithm, budget = "compute-optimal", auto
     algorithm = _typed(body, "algorithm", str, algorithm)
     if algorithm not in algorithm_names():
         raise bad(f"unknown algorithm {algorithm!r}: use one of {', '.join(algorithm_names())}", param="algorithm")
@@ -137,7 +142,8 @@ def parse_request(body: Any, kind: Literal["chat", "completions"], defaults: Def
     except UsageError as error:
         raise bad(str(error), param="options") from None
 
-    budget = _integer(body, "budget", budget if budget is not None else defaults.settings.budget)
+    if auto is None:
+        budget = _integer(body, "budget", budget if budget is not None else defaults.settings.budget)
     if not 1 <= budget <= defaults.max_budget:
         raise bad(f"budget must be between 1 and {defaults.max_budget} (this server's --max-budget)", param="budget")
     n = _integer(body, "n", 1)
@@ -270,6 +276,24 @@ def _typed(body: dict, name: str, kind: type, default: Any) -> Any:
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise bad(f"{name} must be {_kind_name(kind)}, got {type(value).__name__}", param=name)
     return value
+
+
+def _auto_budget(body: dict) -> int | None:
+    """B of a budget "auto:B" (None for any other budget); it names the compute-optimal
+    algorithm, so another algorithm beside it is a contradiction."""
+    budget = body.get("budget")
+    if not isinstance(budget, str) or not budget.startswith("auto:"):
+        return None
+    mean = budget.removeprefix("auto:")
+    if not mean.isdigit():
+        raise bad(f"budget {budget!r}: 'auto:B' takes a whole mean budget per problem, as 'auto:4'", param="budget")
+    if body.get("algorithm") not in (None, "compute-optimal"):
+        raise bad(
+            f"budget {budget!r} is the compute-optimal algorithm at a mean budget, not {body['algorithm']!r}: "
+            "leave 'algorithm' out or give a number of particles",
+            param="budget",
+        )
+    return int(mean)
 
 
 def _integer(body: dict, name: str, default: int) -> int:
