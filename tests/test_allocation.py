@@ -380,7 +380,8 @@ def test_eval_checks_the_budget_policy_before_opening_a_model(tmp_path) -> None:
     policy = ["--option", f"policy={tmp_path / 'smol.json'}"]
     for args, message in (
         (["--budget", "auto:1", *policy], "mean budget 1 (auto:1) is below"),
-        (["--budget", "auto:4", "--algorithms", "best-of-n"], "is compute-optimal at one mean budget"),
+        (["--budget", "auto:4", "--algorithms", "best-of-n"], "compute-optimal algorithm at a mean budget"),
+        (["--budget", "auto:4", "--budgets", "2"], "is compute-optimal at one mean budget"),
         ([], "needs --algorithms"),
     ):
         done = itscale(*common, *args)
@@ -406,3 +407,16 @@ def test_solve_with_an_auto_budget(smol, tmp_path) -> None:
     ):
         done = itscale("solve", "What is 2 + 3?", *args, *common)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+async def test_python_takes_an_auto_budget_under_the_same_name(smol, tmp_path) -> None:
+    from itscale.api import asolve
+
+    path = policy_for(tmp_path, smol, [[0.1, 0.5], [0.2, 0.6], [0.3, 0.7]])
+    result = await asolve(
+        "What is 2 + 3?", lm=smol, budget="auto:4", algorithm_options={"policy": str(path)}, max_tokens=24,
+        max_step_tokens=12, trace=False,
+    )  # fmt: skip
+    assert result.algorithm == "compute-optimal" and result.diagnostics["samples_used"] == 4
+    with pytest.raises(UsageError, match="not best-of-n"):
+        await asolve("What is 2 + 3?", "best-of-n", lm=smol, budget="auto:4")

@@ -247,7 +247,7 @@ def test_metrics_and_request_ids(server: Served) -> None:
         ({"model": "smollm2-135m", "messages": QUESTION, "budget": 9}, "budget", "between 1 and 8"),
         ({"model": "smollm2-135m", "messages": QUESTION, "budget": 0}, "budget", "between 1 and 8"),
         ({"model": "smollm2-135m", "messages": QUESTION, "budget": "4"}, "budget", "must be an integer"),
-        ({"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:x"}, "budget", "whole mean budget"),
+        ({"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:x"}, "budget", "or auto:B, a mean budget"),
         (
             {"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:4", "algorithm": "best-of-n"},
             "budget",
@@ -519,7 +519,7 @@ def test_the_serve_command_checks_its_flags_before_loading_anything(tmp_path) ->
         (["--budget", "100"], "above --max-budget"),
         (["--reward", "vibes"], "unknown reward"),
         (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
-        (["--budget", "auto:4", "--algorithm", "best-of-n"], "compute-optimal algorithm, not best-of-n"),
+        (["--budget", "auto:4", "--algorithm", "best-of-n"], "per problem, not best-of-n"),
         (["--budget", "auto:4"], "no budget policy is shipped for smollm2-135m"),
     ):
         done = subprocess.run(

@@ -47,7 +47,7 @@ def open_model(
 
 async def asolve(
     problem: str | Prompt,
-    algorithm: str = "particle-filter",
+    algorithm: str | None = None,
     *,
     lm: LanguageModel,
     reward: Reward | str | None = None,
@@ -61,8 +61,14 @@ async def asolve(
 ) -> Result:
     """Solves one problem on an open model. `reward` None is the model's default
     (`default_reward`: a shipped learned head where its card says it beat the heuristic, else
-    DEFAULT_REWARD). `setting_values` are SearchSettings fields;
+    DEFAULT_REWARD). `algorithm` None is particle-filter, or compute-optimal for a budget
+    "auto:B" (a mean budget per problem). `setting_values` are SearchSettings fields;
     `observer`, `trace` and `stream` are `Search.run`'s."""
+    from itscale.search.allocation import resolve_budget
+
+    algorithm, budget = resolve_budget(algorithm, setting_values.get("budget"), "particle-filter")
+    if budget is not None:
+        setting_values["budget"] = budget
     search = make_algorithm(algorithm, **(algorithm_options or {}))
     unknown = set(setting_values) - set(SearchSettings.field_names())
     if unknown:
@@ -83,7 +89,7 @@ async def asolve(
 
 def solve(
     problem: str | Prompt,
-    algorithm: str = "particle-filter",
+    algorithm: str | None = None,
     *,
     model: str = DEFAULT_MODEL,
     backend_url: str | None = None,
@@ -92,7 +98,7 @@ def solve(
     algorithm_options: dict[str, Any] | None = None,
     **setting_values: Any,
 ) -> Result:
-    """Opens the model, solves one problem, closes the model."""
+    """Opens the model, solves one problem, closes the model (`asolve`'s arguments)."""
 
     async def go() -> Result:
         lm = open_model(model, backend_url=backend_url, backend_model=backend_model)

@@ -19,6 +19,7 @@ from typing import Any
 from itscale.errors import ItscaleError, UsageError
 from itscale.lm.models import DEFAULT_MODEL, MODELS, model_status
 from itscale.search import algorithm_names
+from itscale.search.allocation import AUTO_BUDGET
 from itscale.search.population import Run
 from itscale.search.settings import SearchSettings
 
@@ -45,9 +46,6 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("", "none") else int(text)
 
 
-AUTO_BUDGET = "auto:"
-
-
 def _budget(text: str) -> int | str:
     """A number of particles ("8"), or "auto:B": a mean budget of B per problem, spent by
     difficulty (the compute-optimal algorithm; `itscale solve` and `itscale demo`)."""
@@ -60,17 +58,10 @@ def _budget(text: str) -> int | str:
 
 
 def resolve_auto_budget(args: argparse.Namespace, default_algorithm: str) -> None:
-    """`--budget auto:B` is the compute-optimal algorithm at mean budget B; any other
-    algorithm named beside it is a contradiction."""
-    if isinstance(args.budget, str):
-        if args.algorithm not in (None, "compute-optimal"):
-            raise UsageError(
-                f"--budget {args.budget} chooses the budget per problem with the compute-optimal algorithm, "
-                f"not {args.algorithm}: drop --algorithm, or give a number of particles"
-            )
-        args.algorithm, args.budget = "compute-optimal", int(args.budget[len(AUTO_BUDGET) :])
-    elif args.algorithm is None:
-        args.algorithm = default_algorithm
+    """`--budget auto:B` is the compute-optimal algorithm at mean budget B (`resolve_budget`)."""
+    from itscale.search.allocation import resolve_budget
+
+    args.algorithm, args.budget = resolve_budget(args.algorithm, args.budget, default_algorithm)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

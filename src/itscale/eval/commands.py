@@ -140,15 +140,17 @@ DEFAULT_BUDGETS = "1,2,4,8,16"
 def _resolve_auto_budget(args: argparse.Namespace) -> None:
     """`--budget auto:B`, as in `itscale solve`: the compute-optimal algorithm at mean budget B
     (the same as `--algorithms compute-optimal --budgets B`)."""
+    from itscale.search.allocation import resolve_budget
+
     if not isinstance(args.budget, str):
         return
-    if args.algorithms not in (None, "compute-optimal") or args.budgets != DEFAULT_BUDGETS:
+    if args.budgets != DEFAULT_BUDGETS:
         raise UsageError(
-            f"--budget {args.budget} is compute-optimal at one mean budget; beside other algorithms or budgets, "
-            "name it in --algorithms and give its mean budgets in --budgets (--algorithms compute-optimal,... "
-            "--budgets 4,...)"
+            f"--budget {args.budget} is compute-optimal at one mean budget; with other budgets, name it in "
+            "--algorithms and give its mean budgets in --budgets (--algorithms compute-optimal,... --budgets 4,...)"
         )
-    args.algorithms, args.budgets, args.budget = "compute-optimal", args.budget.removeprefix("auto:"), None
+    algorithm, budget = resolve_budget(args.algorithms, args.budget, "compute-optimal")
+    args.algorithms, args.budgets, args.budget = algorithm, str(budget), None
 
 
 def command_line(args: argparse.Namespace, command: str = "eval") -> list[str]:

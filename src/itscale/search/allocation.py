@@ -301,6 +301,29 @@ def load_policy_for(model_name: str, path: str | Path | None = None) -> BudgetPo
     return BudgetPolicy.load(path)
 
 
+AUTO_BUDGET = "auto:"
+
+
+def resolve_budget(algorithm: str | None, budget: int | str | None, default_algorithm: str) -> tuple[str, int | None]:
+    """(algorithm, budget) from what a user gave: a budget "auto:B" is the compute-optimal
+    algorithm at a mean budget B (another algorithm named beside it is a contradiction);
+    otherwise the algorithm, or the default, and the budget as given. The same rule for
+    Python, the CLI and the server."""
+    if not isinstance(budget, str):
+        return algorithm or default_algorithm, budget
+    mean = budget.removeprefix(AUTO_BUDGET)
+    if not budget.startswith(AUTO_BUDGET) or not mean.isdigit():
+        raise UsageError(
+            f"budget {budget!r}: give a number of particles (8) or auto:B, a mean budget per problem (auto:4)"
+        )
+    if algorithm not in (None, "compute-optimal"):
+        raise UsageError(
+            f"budget {budget} is the compute-optimal algorithm at a mean budget per problem, not {algorithm}: "
+            "leave the algorithm out, or give a number of particles"
+        )
+    return "compute-optimal", int(mean)
+
+
 def check_policy_before_loading(model: str, path: str | Path | None, budgets: Sequence[int]) -> None:
     """The policy compute-optimal will read for an embedded `model` (a name or GGUF path),
     checked before the model is opened: it exists, belongs to the model (for a named model,

@@ -281,19 +281,15 @@ def _typed(body: dict, name: str, kind: type, default: Any) -> Any:
 def _auto_budget(body: dict) -> int | None:
     """B of a budget "auto:B" (None for any other budget); it names the compute-optimal
     algorithm, so another algorithm beside it is a contradiction."""
+    from itscale.search.allocation import AUTO_BUDGET, resolve_budget
+
     budget = body.get("budget")
-    if not isinstance(budget, str) or not budget.startswith("auto:"):
+    if not isinstance(budget, str) or not budget.startswith(AUTO_BUDGET):
         return None
-    mean = budget.removeprefix("auto:")
-    if not mean.isdigit():
-        raise bad(f"budget {budget!r}: 'auto:B' takes a whole mean budget per problem, as 'auto:4'", param="budget")
-    if body.get("algorithm") not in (None, "compute-optimal"):
-        raise bad(
-            f"budget {budget!r} is the compute-optimal algorithm at a mean budget, not {body['algorithm']!r}: "
-            "leave 'algorithm' out or give a number of particles",
-            param="budget",
-        )
-    return int(mean)
+    try:
+        return resolve_budget(body.get("algorithm"), budget, "compute-optimal")[1]
+    except UsageError as error:
+        raise bad(str(error), param="budget") from None
 
 
 def _integer(body: dict, name: str, default: int) -> int:
