@@ -19,7 +19,7 @@ from typing import Any
 from itscale.errors import ItscaleError, UsageError
 from itscale.lm.models import DEFAULT_MODEL, MODELS, model_status
 from itscale.search import algorithm_names
-from itscale.search.allocation import AUTO_BUDGET
+from itscale.search.allocation import AUTO_BUDGET, resolve_budget
 from itscale.search.population import Run
 from itscale.search.settings import SearchSettings
 
@@ -59,8 +59,6 @@ def _budget(text: str) -> int | str:
 
 def resolve_auto_budget(args: argparse.Namespace, default_algorithm: str) -> None:
     """`--budget auto:B` is the compute-optimal algorithm at mean budget B (`resolve_budget`)."""
-    from itscale.search.allocation import resolve_budget
-
     args.algorithm, args.budget = resolve_budget(args.algorithm, args.budget, default_algorithm)
 
 

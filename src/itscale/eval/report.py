@@ -253,16 +253,16 @@ def baseline_differences(
         both = paired(mine[cell], theirs[cell])
         if both is None:
             continue
-        problems = sorted(mine[cell].keys() & theirs[cell].keys())
-        accuracy = float(np.mean([mine[cell][p] for p in problems]))
-        baseline_accuracy = float(np.mean([theirs[cell][p] for p in problems]))
-        out.append(BaselineDifference(*cell, both[0], accuracy, baseline_accuracy, *both[1:]))
+        problems, difference, low, high = both
+        # Over the common problems, as the difference is: the baseline's is this minus it.
+        accuracy = float(np.mean([mine[cell][p] for p in mine[cell].keys() & theirs[cell].keys()]))
+        out.append(BaselineDifference(*cell, problems, accuracy, accuracy - difference, difference, low, high))
     return out
 
 
-def load_baseline(path: Path, baseline: str | Path, config: dict[str, Any]) -> tuple[dict, list[dict], list[str]]:
-    """A baseline directory's config and complete records, and how its identity differs from
-    this one's; a baseline over another dataset is refused (nothing to pair)."""
+def load_baseline(path: Path, baseline: str | Path, config: dict[str, Any]) -> tuple[list[dict], list[str]]:
+    """A baseline directory's complete records, and how its identity differs from this one's;
+    a baseline over another dataset is refused (nothing to pair)."""
     from itscale.eval.store import diff_identity
 
     other_config, other_records = load(baseline)
@@ -273,7 +273,7 @@ def load_baseline(path: Path, baseline: str | Path, config: dict[str, Any]) -> t
             "a baseline pairs the same problems"
         )
     other_records, _ = complete_problems(other_records)
-    return other_config, other_records, diff_identity(other_config["identity"], config["identity"])
+    return other_records, diff_identity(other_config["identity"], config["identity"])
 
 
 def complete_problems(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -328,7 +328,7 @@ def write_report(
     differences = paired_differences(records, compare, algorithms)
     against: dict[str, Any] | None = None
     if baseline is not None:
-        _, baseline_records, changed = load_baseline(path, baseline, config)
+        baseline_records, changed = load_baseline(path, baseline, config)
         against = {
             "directory": str(baseline),
             "changed": changed,

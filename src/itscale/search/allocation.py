@@ -20,11 +20,11 @@ problem, so the budgets it knows run from b0 to K). The selection rules: the maj
 over the b samples, and, where a learned head scored the training samples (out of fold),
 the vote weighted by the head's value of each finished sample (weighted best-of-N with the
 probe as the reward; on the 115 GSM8K train problems the shipped qwen policy was fitted on,
-it beats the plain vote by 2-3 points at 4 and 8 samples). For a mean budget B per problem, `allocate` chooses
-a choice per level that maximises the expected accuracy under that mean; a level whose
-accuracy no longer grows (easy, or hopeless) keeps its first batch. The `compute-optimal`
-algorithm (itscale.search.sampling) runs it: first batch, level, the rest of the level's
-budget, its selection.
+it beats the plain vote by 2-3 points at 4 and 8 samples). For a mean budget B per problem,
+`allocate` chooses a choice per level that maximises the expected accuracy under that mean;
+a level whose accuracy no longer grows (easy, or hopeless) keeps its first batch. The
+`compute-optimal` algorithm (itscale.search.sampling) runs it: first batch, level, the rest
+of the level's budget, its selection.
 
 Particle filtering is not among the choices: fitting it would need particle-filter runs on
 the training problems at every budget (hours here), where the vote's accuracy at every
@@ -188,7 +188,7 @@ class BudgetPolicy:
                 f"use a mean budget of at least {self.first_batch}"
             )
         levels = range(self.levels)
-        best: tuple[float, float, tuple[int, ...]] | None = None
+        best: tuple[float, float, int, tuple[int, ...]] | None = None
         for choice in itertools.product(range(len(self.choices)), repeat=len(levels)):
             cost = sum(self.frequency[lv] * self.choices[i].budget for lv, i in zip(levels, choice, strict=True))
             if cost > mean_budget + 1e-9:
@@ -210,10 +210,9 @@ class BudgetPolicy:
         accuracy = sum(f * self.accuracy[lv][index[Choice(*c)]] for lv, (f, c) in pairs)
         return accuracy, sum(f * c[1] for f, c in zip(self.frequency, allocation, strict=True))
 
-    def check_generator(self, lm: Any) -> None:
-        """A policy fitted for another generator is refused: its accuracies are not this one's."""
-        sha = getattr(lm, "sha256", None)
-        name = getattr(lm, "name", None)
+    def check_generator(self, name: str | None, sha: str | None) -> None:
+        """A policy fitted for another generator (by its GGUF sha256, where known) is refused:
+        its accuracies are not this one's."""
         if sha and self.generator.get("gguf_sha256") and sha != self.generator["gguf_sha256"]:
             raise UsageError(
                 f"this budget policy was fitted for {self.generator.get('name')} "
@@ -328,13 +327,11 @@ def check_policy_before_loading(model: str, path: str | Path | None, budgets: Se
     """The policy compute-optimal will read for an embedded `model` (a name or GGUF path),
     checked before the model is opened: it exists, belongs to the model (for a named model,
     whose sha256 is known without reading the file), and can allocate every mean budget."""
-    from types import SimpleNamespace
-
     from itscale.lm.models import MODELS, model_name
 
     name = model_name(model)
     policy = load_policy_for(name, path)
-    policy.check_generator(SimpleNamespace(name=name, sha256=MODELS[model].sha256 if model in MODELS else None))
+    policy.check_generator(name, MODELS[model].sha256 if model in MODELS else None)
     for budget in budgets:
         policy.allocate(budget)
 

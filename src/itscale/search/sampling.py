@@ -206,7 +206,7 @@ class ComputeOptimal(Search):
 
     def load_policy(self, lm: Any) -> BudgetPolicy:
         policy = load_policy_for(getattr(lm, "name", ""), self.policy_path)
-        policy.check_generator(lm)
+        policy.check_generator(getattr(lm, "name", None), getattr(lm, "sha256", None))
         return policy
 
     def value_reward(self, lm: Any, policy: BudgetPolicy) -> Any:
