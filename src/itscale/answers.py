@@ -9,6 +9,7 @@ threads) the check runs in a helper process that is killed when it overruns.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import re
 import threading
@@ -143,6 +144,18 @@ def _math_verify_in_helper(predicted: str, reference: str, timeout: float) -> bo
                 helper.shutdown(wait=False, cancel_futures=True)
                 _helper = None
         return False
+
+
+@atexit.register
+def _close_helper() -> None:
+    """Shut the helper down while the interpreter is whole: left to module teardown, its
+    executor is collected after `multiprocessing` is gone and its callback prints an ignored
+    AttributeError on exit."""
+    global _helper
+    with _helper_lock:
+        helper, _helper = _helper, None
+    if helper is not None:
+        helper.shutdown(wait=True, cancel_futures=True)
 
 
 def majority(answers: list[str | None], weights: list[float] | None = None) -> tuple[str | None, dict[str, float]]:
