@@ -420,3 +420,6 @@ async def test_python_takes_an_auto_budget_under_the_same_name(smol, tmp_path) -
     assert result.algorithm == "compute-optimal" and result.diagnostics["samples_used"] == 4
     with pytest.raises(UsageError, match="not best-of-n"):
         await asolve("What is 2 + 3?", "best-of-n", lm=smol, budget="auto:4")
+    # A reward named for it would be ignored: refused, before any generation.
+    with pytest.raises(UsageError, match="compute-optimal uses no reward"):
+        await asolve("What is 2 + 3?", lm=smol, budget="auto:4", reward="arithmetic")

@@ -254,6 +254,16 @@ def test_metrics_and_request_ids(server: Served) -> None:
             "compute-optimal algorithm at a mean budget",
         ),
         ({"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:9"}, "budget", "between 1 and 8"),
+        (
+            {"model": "self-consistency:smollm2-135m", "messages": QUESTION, "reward": "arithmetic"},
+            "reward",
+            "self-consistency uses no reward",
+        ),
+        (
+            {"model": "smollm2-135m", "messages": QUESTION, "budget": "auto:4", "reward": "probe"},
+            "reward",
+            "compute-optimal uses no reward",
+        ),
         ({"model": "smollm2-135m", "messages": QUESTION, "temperature": "hot"}, "temperature", "must be a number"),
         ({"model": "smollm2-135m", "messages": []}, "messages", "non-empty list"),
         ({"model": "smollm2-135m", "messages": [{"role": "user"}]}, "messages[0].content", "string or a list"),

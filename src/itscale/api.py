@@ -18,7 +18,7 @@ from itscale.lm.base import LanguageModel
 from itscale.lm.models import DEFAULT_MODEL
 from itscale.rewards.base import Reward, close_reward
 from itscale.rewards.registry import default_reward, make_reward
-from itscale.search import make_algorithm
+from itscale.search import make_algorithm, unused_reward_message
 from itscale.search.population import Run
 from itscale.search.settings import SearchSettings
 from itscale.types import Prompt, Result
@@ -76,6 +76,8 @@ async def asolve(
             f"unknown setting(s) {', '.join(sorted(unknown))}: use {', '.join(SearchSettings.field_names())}"
         )
     settings = (settings or SearchSettings()).replace(**setting_values)
+    if reward is not None and not search.uses_reward:
+        raise UsageError(unused_reward_message(algorithm, reward))
     if reward is None:
         reward = default_reward(lm, judge_model)
     if not isinstance(reward, str):

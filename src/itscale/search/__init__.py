@@ -59,4 +59,16 @@ def algorithm_names() -> list[str]:
     return [*ALGORITHMS, "particle-filter-sound"]
 
 
-__all__ = ["ALGORITHMS", "Run", "Search", "SearchSettings", "algorithm_names", "make_algorithm"]
+def unused_reward_message(algorithm: str, reward: Any) -> str:
+    """Why a reward given for an algorithm that uses none is refused rather than ignored: a
+    user who named one believes it chose the answer."""
+    users = [name for name in algorithm_names() if make_algorithm(name).uses_reward]
+    shown = reward if isinstance(reward, str) else type(reward).__name__
+    why = " (it weighs by its budget policy's learned head)" if algorithm == "compute-optimal" else ""
+    return (
+        f"{algorithm} uses no reward{why}, so the reward {shown!r} would be ignored: leave the reward "
+        f"out, or choose an algorithm that uses one ({', '.join(users)})"
+    )
+
+
+__all__ = ["ALGORITHMS", "Run", "Search", "SearchSettings", "algorithm_names", "make_algorithm", "unused_reward_message"]

@@ -127,7 +127,6 @@ class Server:
         stream: Callable[[str], None] | None = None,
     ) -> Result:
         from itscale.api import asolve
-        from itscale.rewards.registry import default_reward
 
         def observe(run: Run) -> None:
             self.live_particles[request_id] = len(run.live())
@@ -141,7 +140,7 @@ class Server:
                     request.prompt,
                     request.algorithm,
                     lm=self.lm,
-                    reward=request.reward or default_reward(self.lm, self.judge),
+                    reward=request.reward,  # None: the model's default, where the algorithm uses one
                     judge_model=self.judge,
                     settings=request.settings,
                     algorithm_options=request.options,

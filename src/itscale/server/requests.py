@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from itscale.errors import UsageError
-from itscale.search import algorithm_names, make_algorithm
+from itscale.search import algorithm_names, make_algorithm, unused_reward_message
 from itscale.search.settings import SearchSettings
 from itscale.types import Message, Prompt
 
@@ -138,7 +138,7 @@ def parse_request(body: Any, kind: Literal["chat", "completions"], defaults: Def
         raise bad(f"unknown algorithm {algorithm!r}: use one of {', '.join(algorithm_names())}", param="algorithm")
     options = _typed(body, "options", dict, defaults.options if algorithm == defaults.algorithm else {})
     try:
-        make_algorithm(algorithm, **options)
+        search = make_algorithm(algorithm, **options)
     except UsageError as error:
         raise bad(str(error), param="options") from None
 
@@ -178,7 +178,13 @@ def parse_request(body: Any, kind: Literal["chat", "completions"], defaults: Def
     except (UsageError, TypeError, ValueError) as error:
         raise bad(str(error), param=_param_of(str(error), changes)) from None
 
+    # The server's --reward is a default for the algorithms that use one; a reward the
+    # request names for an algorithm that uses none is refused, not silently ignored.
     reward = _typed(body, "reward", str, defaults.reward) if body.get("reward") is not None else defaults.reward
+    if not search.uses_reward:
+        if body.get("reward") is not None:
+            raise bad(unused_reward_message(algorithm, reward), param="reward")
+        reward = None
     if reward is not None:
         _check_reward(reward)
 
