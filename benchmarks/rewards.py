@@ -160,14 +160,13 @@ AGGREGATION_NAMES = ("last", "min", "prod", "mean", "model")
 
 def step_record(cached: dict):
     """A generator's Step record from the cache, with its hidden state when it was kept."""
-    import base64
-
     import numpy as np
 
+    from itscale.rewards.training import decode_features
     from itscale.types import Step
 
     def state(text: str) -> np.ndarray:
-        return np.frombuffer(base64.b64decode(text), dtype=np.float16).astype(np.float32)
+        return decode_features(text, 1).reshape(-1)  # one state, encoded as one row
 
     fields = {k: v for k, v in cached.items() if k != "features"}
     features = cached.get("features")

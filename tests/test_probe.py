@@ -219,6 +219,24 @@ def test_the_mlp_learns_a_rule_a_line_cannot() -> None:
     assert report["chosen"] == "mlp" and head.kind == "mlp"
 
 
+def test_an_mlp_of_one_hidden_unit_trains_and_predicts() -> None:
+    data, _, _ = synthetic()
+    head, _ = train(data, 300, TrainSettings(kind="mlp", hidden=1, seed=0, epochs=5))
+    assert head.weights[0].shape == (data.features.shape[1], 1) and head.predict(data.features[:3]).shape == (3,)
+
+
+def test_features_beyond_float16_keep_their_values_and_broken_ones_are_refused() -> None:
+    from itscale.errors import ItscaleError
+    from itscale.rewards.training import decode_features, encode_features
+
+    ordinary = np.array([[0.5, -3.0], [100.0, 2.0]], np.float32)
+    assert encode_features(ordinary) == encode_features(ordinary.astype(np.float16))  # the compact form
+    large = np.array([[70000.0, 1.0]], np.float32)  # an inner block's residual stream can reach this
+    assert np.array_equal(decode_features(encode_features(large), 2), large)
+    with pytest.raises(ItscaleError, match="not finite"):
+        encode_features(np.array([[np.nan, 1.0]], np.float32))
+
+
 def test_the_ranking_term_sees_only_differences_within_a_problem() -> None:
     from itscale.rewards.training import _listwise
 
@@ -277,6 +295,8 @@ def test_auroc_within_a_problem_averages_over_problems_with_both_labels() -> Non
     groups = ["a", "a", "b", "b", "c", "c"]  # c has only right answers: left out
     assert auroc_within(scores, labels, groups) == (pytest.approx((1.0 + 0.0) / 2), 2)
     assert auroc([1, 1, 1], [True, False, True]) == 0.5
+    with pytest.raises(ValueError, match="NaN"):  # it once looped for ever on a NaN
+        auroc([0.2, float("nan"), 0.7], [True, False, True])
 
 
 # ------------------------------------------------------------------ the reward and its errors
@@ -462,7 +482,18 @@ def test_train_reward_end_to_end_resumes_after_a_kill(smol, tmp_path) -> None:
     assert policy["head_sha256"] == head_digest(out)
     # A layer the rollouts were not sampled with is evaluated from their text, once, into a
     # file of its own; the head reads it, and the probe turns it on in the engine.
+    # Training on the first 7 rollouts cuts one problem to 1 of its 2: the side file still
+    # holds both, so a later run on every rollout finds them.
     layered = tmp_path / "layered"
+    inner = subprocess.run(
+        train_reward("--dataset", str(data), "--rollouts", str(out), "--out", str(layered), "--train-only",
+                     "--layers", "12", "--train-rollouts", "7"),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert inner.returncode == 0, inner.stderr
+    side = [json.loads(line) for line in (out / "features-12.jsonl").read_text().splitlines()]
+    assert sorted(r["problem"] for r in side) == [f"q{i}" for i in range(4)]
+    assert all(len(r["samples"]) == 2 for r in side)
     inner = subprocess.run(
         train_reward("--dataset", str(data), "--rollouts", str(out), "--out", str(layered), "--train-only",
                      "--layers", "12"),
@@ -487,6 +518,30 @@ def test_train_reward_end_to_end_resumes_after_a_kill(smol, tmp_path) -> None:
     subprocess.run(train_reward("--dataset", str(data), "--rollouts", str(out), "--out", str(layered),
                                 "--train-only", "--layers", "12"), check=True, capture_output=True)  # fmt: skip
     assert (out / "features-12.jsonl").read_text().count("\n") == lines
+
+
+def test_monte_carlo_labels_train_on_the_problems_that_have_them(tmp_path) -> None:
+    data, out = problems_file(tmp_path), tmp_path / "mc"
+    done = subprocess.run(
+        train_reward("--dataset", str(data), "--out", str(out), "--mc-rollouts", "2", "--mc-limit", "3",
+                     "--label", "mc"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = {r["problem"]: r for r in map(json.loads, (out / "rollouts.jsonl").read_text().splitlines())}
+    for problem, record in records.items():
+        for sample in record["samples"]:
+            if problem in ("q0", "q1", "q2"):
+                # A fraction in [0, 1] for each step prefix, in steps of 1/2; the finished
+                # rollout's own verdict last.
+                *fractions, verdict = sample["mc"]
+                assert all(f in (0.0, 0.5, 1.0) for f in fractions) and verdict == float(sample["correct"])
+            else:
+                assert sample["mc"] is None
+    card = json.loads((out / "card.json").read_text())
+    # The three labelled problems are the data, and the split is among them.
+    assert card["label"] == "mc" and card["data"]["problems"] == 3 and card["validation"]["problems"] == 1
+    assert card["data"]["mc_rollouts"] == 2
 
 
 def await_run(search, model, reward):

@@ -411,6 +411,21 @@ async def test_all_weights_minus_infinity_resample_uniformly_and_say_so(lm) -> N
     assert result.diagnostics["log_evidence"] == -math.inf
 
 
+def test_after_a_uniform_restart_the_next_step_s_reward_weighs_again() -> None:
+    # Every weight -inf at a step with reward 0 resamples uniformly to weight 1; from there the
+    # telescoping product starts again, so the next step's reward must count in full.
+    search = make_algorithm("particle-filter", mode="sound")
+
+    def after_a_zero(reward: float) -> Particle:
+        return Particle(0, [Step("a", 1, "delimiter", score=0.0), Step("b", 1, "delimiter", score=reward)])
+
+    good, bad = (search.incremental_log_weight(after_a_zero(r)) for r in (0.99, 0.01))
+    assert good == pytest.approx(math.log(0.99)) and bad == pytest.approx(math.log(0.01))
+    dead = Particle(1, [Step("a", 1, "delimiter", score=0.0)], log_weight=-math.inf)
+    dead.steps.append(Step("b", 1, "delimiter", score=0.99))
+    assert dead.log_weight + search.incremental_log_weight(dead) == -math.inf  # a dead weight stays dead
+
+
 # ---------------------------------------------------------------- independent rollouts
 
 

@@ -473,7 +473,7 @@ def baseline_table(against: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {d.algorithm} | {d.budget} | {d.problems} | {d.accuracy:.1%} | {d.baseline_accuracy:.1%} "
             f"| {100 * d.difference:+.1f} ({100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f})"
-            + (" **" if d.ci_low > 0 or d.ci_high < 0 else "")
+            + (" **" if _excludes_zero(d) else "")
             + " |"
         )
     if not differences:
@@ -546,14 +546,20 @@ def comparison_tables(differences: list[Difference]) -> list[str]:
         flagged = sum(_excludes_zero(d) for d in mine)
         lines += [
             "",
-            f"**: the interval excludes 0 ({flagged} of {len(mine)} here). Each interval is 95% on its own: "
+            f"**: the interval excludes 0 over at least {MIN_PROBLEMS_TO_FLAG} problems ({flagged} of {len(mine)} "
+            "here). Each interval is 95% on its own: "
             f"if nothing differed, about {len(mine) / 20:.1f} of {len(mine)} would exclude 0 by chance.",
         ]
     return lines
 
 
-def _excludes_zero(d: Difference) -> bool:
-    return d.ci_low > 0 or d.ci_high < 0
+# Below this many problems a percentile bootstrap says nothing (one problem gives the
+# interval [d, d]), so no difference is flagged however its interval lies.
+MIN_PROBLEMS_TO_FLAG = 10
+
+
+def _excludes_zero(d: Difference | BaselineDifference) -> bool:
+    return d.problems >= MIN_PROBLEMS_TO_FLAG and (d.ci_low > 0 or d.ci_high < 0)
 
 
 def print_table(rows: list[Row]) -> None:

@@ -165,8 +165,18 @@ def _train_reward(args: argparse.Namespace) -> int:
         raise UsageError(f"{len(records)} problem(s) sampled in {directory.path}: too few to train on")
     records, missing = with_layers(records, directory, layers)
     if missing:
-        _fill_layers(args, directory, dataset, missing, identity, layers)
+        # The side files hold every rollout of a problem, whatever --train-rollouts kept here.
+        _fill_layers(args, directory, dataset, [saved[r["problem"]] for r in missing], identity, layers)
         records, missing = with_layers(records, directory, layers)
+    if args.label == "mc":
+        # Only the problems with Monte Carlo labels (--mc-limit) are data: the split and the
+        # card count those, not the problems sampled without them.
+        records = [r for r in records if any(s.get("mc") is not None for s in r["samples"])]
+        if len(records) < 2:
+            raise UsageError(
+                f"{len(records)} problem(s) in {directory.path} have Monte Carlo labels: too few to train on; "
+                "sample more with --mc-rollouts (and a larger --mc-limit)"
+            )
     data = examples_from(records, identity["generator"]["n_embd"], args.label, layers)
     train_settings = TrainSettings(kind=args.head, hidden=args.hidden, seed=seed, rank_weight=args.rank_weight)
     head, report = train(data, len(records), train_settings)
@@ -431,8 +441,9 @@ def add_policy_command(subparsers: Any) -> None:
 
 def _head_values(args: argparse.Namespace, directory: Any, records: list, generator: dict) -> tuple[list, list, str]:
     """Out-of-fold values after each sample's first step and of each finished sample, by
-    heads trained like the chosen one, and the chosen head's sha256 (the policy reads its
-    values at run time)."""
+    heads trained with the chosen head's recorded settings on outcome labels (a recorded
+    kind "auto" chooses linear or MLP again in each fold), and the chosen head's sha256 (the
+    policy reads its values at run time)."""
     from pathlib import Path
 
     from itscale.errors import UsageError

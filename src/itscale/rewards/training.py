@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from itscale.answers import is_equivalent
-from itscale.errors import UsageError
+from itscale.errors import ItscaleError, UsageError
 from itscale.files import write_json_atomic
 from itscale.rewards.probe import CARD_FILE, FORMAT, HEAD_FILE, ValueHead
 
@@ -153,11 +153,27 @@ async def _monte_carlo(run: Any, search: Any, k: int, reference: str) -> list[li
     return fractions
 
 
+# Features travel as float16 (half the file); a state beyond float16's range (an inner
+# block's residual stream can exceed 65,504) is kept whole as float32 instead of becoming inf.
+FLOAT32_TAG = "f32:"
+
+
 def encode_features(features: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(features, dtype=np.float16).tobytes()).decode()
+    features = np.asarray(features, dtype=np.float32)
+    if not np.isfinite(features).all():
+        raise ItscaleError(
+            "the engine returned a hidden state that is not finite (NaN or inf): the model or its "
+            "build is broken; check it with `itscale solve` on a simple problem"
+        )
+    if np.abs(features).max(initial=0.0) <= np.finfo(np.float16).max:
+        half = features.astype(np.float16)
+        return base64.b64encode(np.ascontiguousarray(half).tobytes()).decode()
+    return FLOAT32_TAG + base64.b64encode(np.ascontiguousarray(features).tobytes()).decode()
 
 
 def decode_features(text: str, n_embd: int) -> np.ndarray:
+    if text.startswith(FLOAT32_TAG):
+        return np.frombuffer(base64.b64decode(text[len(FLOAT32_TAG) :]), dtype=np.float32).reshape(-1, n_embd).copy()
     return np.frombuffer(base64.b64decode(text), dtype=np.float16).reshape(-1, n_embd).astype(np.float32)
 
 
@@ -188,7 +204,14 @@ def with_layers(records: Sequence[dict[str, Any]], directory: Any, layers: Seque
             features = dict(sample_layers(sample))
             for layer in layers:
                 if layer not in features and record["problem"] in side[layer]:
-                    features[layer] = side[layer][record["problem"]]["samples"][i]
+                    filled = side[layer][record["problem"]]["samples"]
+                    if i >= len(filled):
+                        raise UsageError(
+                            f"{layer_store(directory, layer).path} holds {len(filled)} rollouts of "
+                            f"{record['problem']}, fewer than its rollouts file: delete it and run the "
+                            "same command again to evaluate the layer anew"
+                        )
+                    features[layer] = filled[i]
             samples.append({**sample, "features": features})
         record = {**record, "samples": samples}
         merged.append(record)
@@ -346,6 +369,8 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     ranks = np.empty(len(scores))
     sorted_scores = scores[order]
     i = 0
+    if np.isnan(scores).any():
+        raise ValueError("AUROC of scores that include NaN: the values being ranked are broken")
     while i < len(scores):
         j = i
         while j < len(scores) and sorted_scores[j] == sorted_scores[i]:
@@ -420,7 +445,7 @@ def train(data: Examples, n_problems: int, settings: TrainSettings) -> tuple[Val
         candidates.append(
             {
                 "kind": kind,
-                "epochs": epochs,
+                "best_epoch": epochs,
                 "head": head,
                 "train": head_metrics(head, train_data),
                 "validation": head_metrics(head, val_data),
@@ -499,11 +524,10 @@ def fit(train_data: Examples, val_data: Examples, kind: str, settings: TrainSett
             waited += 1
             if waited >= settings.patience:
                 break
-    weights = tuple(w.reshape(-1) if w.ndim == 2 and w.shape[1] == 1 else w for w in best_params)
-    if kind == "linear":
-        weights = (weights[0], np.float32(weights[1][0]).reshape(()))
-    else:
-        weights = (weights[0], weights[1], weights[2], np.float32(weights[3][0]).reshape(()))
+    # The output layer's (n, 1) weights flattened and its bias made a scalar; the hidden
+    # layer's (d, hidden) weights stay whole, even for hidden = 1.
+    *inner, out_weights, out_bias = best_params
+    weights = (*inner, out_weights.reshape(-1), np.float32(out_bias[0]).reshape(()))
     return ValueHead(kind, mean.astype(np.float32), scale.astype(np.float32), weights), best_epoch
 
 
@@ -648,8 +672,14 @@ def write_head(
             "mc_rollouts": identity["mc_rollouts"],
             "settings": identity["settings"],
         },
-        "validation": {**chosen["validation"], "problems": report["validation_problems"], "split": "by problem"},
-        "training": {**asdict(settings), "epochs_run": chosen["epochs"], "candidates": report["candidates"]},
+        "validation": {
+            **chosen["validation"],
+            "problems": report["validation_problems"],
+            "split": "by problem",
+            # These problems also chose the epoch and the head's kind: optimistic, not held out.
+            "also_chose": "the early-stopping epoch and the head kind",
+        },
+        "training": {**asdict(settings), "best_epoch": chosen["best_epoch"], "candidates": report["candidates"]},
         "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

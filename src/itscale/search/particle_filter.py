@@ -110,7 +110,10 @@ class ParticleFilter(Search):
         if current <= 0:
             return -math.inf
         if previous <= 0:
-            return 0.0  # the weight is already -inf; nothing can revive it
+            # r_{t-1} = 0: either the weight is already -inf (adding anything finite keeps it
+            # there), or every weight was -inf, the population was resampled uniformly with
+            # weight 1, and the telescoping product starts again from this step, as from r_0 = 1.
+            return math.log(current) / self.temperature
         return (math.log(current) - math.log(previous)) / self.temperature
 
     def _prefix_reward(self, p: Particle, k: int) -> float:
