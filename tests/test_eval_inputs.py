@@ -522,7 +522,7 @@ def test_paired_differences_tell_what_overlapping_intervals_cannot():
     # The legend says how many cells are flagged and how many chance alone would flag.
     assert "(1 of 3 here)" in tables and "about 0.1 of 3 would exclude 0 by chance" in tables
     # One common problem bootstraps to the interval [d, d]: too few to flag anything.
-    (lone,) = paired_differences(records[:1] + [scored("p0", "a", 4, False)], ["a"], ["b", "a"])
+    (lone,) = paired_differences([*records[:1], scored("p0", "a", 4, False)], ["a"], ["b", "a"])
     assert lone.problems == 1 and lone.ci_low == lone.ci_high == -1.0
     assert "(0 of 1 here)" in "\n".join(comparison_tables([lone]))
 

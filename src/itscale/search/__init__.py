@@ -71,4 +71,12 @@ def unused_reward_message(algorithm: str, reward: Any) -> str:
     )
 
 
-__all__ = ["ALGORITHMS", "Run", "Search", "SearchSettings", "algorithm_names", "make_algorithm", "unused_reward_message"]
+__all__ = [
+    "ALGORITHMS",
+    "Run",
+    "Search",
+    "SearchSettings",
+    "algorithm_names",
+    "make_algorithm",
+    "unused_reward_message",
+]
