@@ -362,6 +362,8 @@ def split_by_problem(n_problems: int, validation: float, seed: int) -> np.ndarra
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     """P(score of a right one > score of a wrong one), ties counting half (Mann-Whitney)."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    if np.isnan(scores).any():  # NaN equals nothing: the tie loop below would never end
+        raise ValueError("AUROC of scores that include NaN: the values being ranked are broken")
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if not n_pos or not n_neg:
         return None
@@ -369,8 +371,6 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     ranks = np.empty(len(scores))
     sorted_scores = scores[order]
     i = 0
-    if np.isnan(scores).any():
-        raise ValueError("AUROC of scores that include NaN: the values being ranked are broken")
     while i < len(scores):
         j = i
         while j < len(scores) and sorted_scores[j] == sorted_scores[i]:
