@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/probe_layers.py --rollouts runs/probe-qwen [--problems 80] [--folds 5]
         [--layers final,7,9,11,13] [--train-rollouts 100,200,400] [--rank-weights 0,1]
+        [--features result_norm,step-mean:l_out-22,result_norm+step-mean:l_out-22]
 
 1. Features. Rollouts sampled with `itscale train-reward --layers ...` carry every step's
    state for those layers: they are read as they are (no model is loaded). Otherwise the
@@ -9,6 +10,10 @@
    every block's output (`l_out-K`, the residual stream after block K) and the final normed
    state (`result_norm`, what the engine's features are) at the last token of every step,
    cached in `.cache/benchmarks/probe-layers/` (an .npz per run of problems).
+   Re-evaluation also pools two blocks' states over tokens (every token's state of the
+   block before the last and of a middle one, RMS-normalised, averaged over the step's own
+   tokens, `step-mean:l_out-K`, and over all tokens so far, `prefix-mean:l_out-K`): whether a
+   step's whole text predicts better than its last token.
 2. Trains the same heads as `itscale train-reward` (itscale.rewards.training.fit: logistic
    and one-hidden-layer MLP, early stopping on a held-out fifth of the training folds'
    problems) per layer, in `--folds` folds split by problem, and prints the held-out AUROC
@@ -69,6 +74,24 @@ def stored(rollouts: Path, problems: int, layers: list[str]) -> dict[str, np.nda
     return arrays
 
 
+def pooled(states: np.ndarray, ends: list[int]) -> dict[str, np.ndarray]:
+    """Each step's token states pooled, from one rollout's states (a row per token) and its
+    steps' last tokens: the mean over the step's own tokens ("step-mean") and over every
+    token so far ("prefix-mean"). Each token's state is RMS-normalised first (as the model's
+    own norms do), so that a few huge residual dimensions do not swamp the mean. A step of
+    no tokens takes the state where it ends."""
+    h = states.astype(np.float32)
+    h /= np.sqrt((h * h).mean(axis=1, keepdims=True) + 1e-6)
+    running = np.cumsum(h, axis=0)
+    step_means, prefix_means, start = [], [], 0
+    for end in ends:
+        last = max(end, 0)
+        step_means.append(h[start : end + 1].mean(axis=0) if end >= start else h[last])
+        prefix_means.append(running[last] / (last + 1))
+        start = max(start, end + 1)
+    return {"step-mean": np.stack(step_means), "prefix-mean": np.stack(prefix_means)}
+
+
 def extract(rollouts: Path, problems: int, threads: int) -> Path:
     """Features of every step of the first `problems` records, per layer, cached."""
     import llama_cpp
@@ -90,7 +113,7 @@ def extract(rollouts: Path, problems: int, threads: int) -> Path:
     dataset = load_dataset(identity["dataset"]["source"])
     order = [p for p in dataset.problems if p.id in saved][:problems]
     key = hashlib.sha256(json.dumps([str(rollouts), [p.id for p in order]]).encode()).hexdigest()[:12]
-    path = CACHE / f"features-{len(order)}-{key}.npz"
+    path = CACHE / f"features-pooled-{len(order)}-{key}.npz"
     if path.exists():
         return path
 
@@ -140,7 +163,11 @@ def extract(rollouts: Path, problems: int, threads: int) -> Path:
         return {name: np.concatenate(parts) for name, parts in captured.items()}
 
     settings = identity["settings"]
+    # Pooled over tokens: inner blocks give every token's state (the last block and the norm
+    # only the marked outputs'), so the block before the last and a middle one.
+    pooled_blocks = [str(n_layer // 2 + 1), str(n_layer - 2)]
     layers: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    layers |= {f"{kind}:l_out-{b}": [] for b in pooled_blocks for kind in ("step-mean", "prefix-mean")}
     meta: dict[str, list] = {"problem": [], "rollout": [], "final": [], "correct": []}
     started, rollout_number, evaluated = time.perf_counter(), 0, 0
     for p_index, problem in enumerate(order):
@@ -171,6 +198,9 @@ def extract(rollouts: Path, problems: int, threads: int) -> Path:
                 else:
                     picked = [rows[name][max(e, 0)] for e in ends]
                 layers[name].append(np.stack(picked).astype(np.float16))
+            for block in pooled_blocks:
+                for kind, states in pooled(rows[f"l_out-{block}"], ends).items():
+                    layers[f"{kind}:l_out-{block}"].append(states.astype(np.float16))
             n = len(ends)
             meta["problem"] += [p_index] * n
             meta["rollout"] += [rollout_number] * n
@@ -219,7 +249,8 @@ def evaluate(
     print("| ---: | --- |" + " ---: |" * (2 * len(heads)))
     for size in sizes:
         for name in names:
-            x = data[name].astype(np.float32)
+            # "a+b": the two feature sets side by side.
+            x = np.concatenate([data[part].astype(np.float32) for part in name.split("+")], axis=1)
             cells, used = [], []
             for kind, rank in heads:
                 pooled, within = [], []
@@ -271,6 +302,12 @@ def main() -> None:
     parser.add_argument(
         "--train-rollouts", default=None, help="training-set sizes for the data-size curve, e.g. 100,200,400"
     )
+    parser.add_argument(
+        "--features",
+        default=None,
+        help="which features to compare (default: all): names as printed, a+b for the two side by side, "
+        "e.g. result_norm,step-mean:l_out-22,result_norm+prefix-mean:l_out-22",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -286,6 +323,12 @@ def main() -> None:
         data = {name: loaded[name] for name in loaded.files}
         names = sorted((n for n in data if n.startswith("l_out-")), key=lambda n: int(n.split("-")[1]))
         names.append("result_norm")
+        names += sorted(n for n in data if ":" in n)
+    if args.features:
+        names = args.features.split(",")
+        unknown = {part for name in names for part in name.split("+")} - set(data)
+        if unknown:
+            sys.exit(f"unknown --features {', '.join(sorted(unknown))}: choose from {', '.join(sorted(data))}")
     heads = [(kind, float(rank)) for kind in args.heads.split(",") for rank in args.rank_weights.split(",")]
     evaluate(data, names, args.folds, heads, args.seed, sizes)
 
