@@ -74,7 +74,7 @@ def stored(rollouts: Path, problems: int, layers: list[str]) -> dict[str, np.nda
     return arrays
 
 
-def pooled(states: np.ndarray, ends: list[int]) -> dict[str, np.ndarray]:
+def pooled_states(states: np.ndarray, ends: list[int]) -> dict[str, np.ndarray]:
     """Each step's token states pooled, from one rollout's states (a row per token) and its
     steps' last tokens: the mean over the step's own tokens ("step-mean") and over every
     token so far ("prefix-mean"). Each token's state is RMS-normalised first (as the model's
@@ -199,7 +199,7 @@ def extract(rollouts: Path, problems: int, threads: int) -> Path:
                     picked = [rows[name][max(e, 0)] for e in ends]
                 layers[name].append(np.stack(picked).astype(np.float16))
             for block in pooled_blocks:
-                for kind, states in pooled(rows[f"l_out-{block}"], ends).items():
+                for kind, states in pooled_states(rows[f"l_out-{block}"], ends).items():
                     layers[f"{kind}:l_out-{block}"].append(states.astype(np.float16))
             n = len(ends)
             meta["problem"] += [p_index] * n
