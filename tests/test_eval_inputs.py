@@ -23,6 +23,8 @@ from itscale.eval.report import (
     complete_problems,
     markdown,
     paired_differences,
+    reference_differences,
+    reference_table,
     summarise,
     write_report,
 )
@@ -525,6 +527,42 @@ def test_paired_differences_tell_what_overlapping_intervals_cannot():
     (lone,) = paired_differences([*records[:1], scored("p0", "a", 4, False)], ["a"], ["b", "a"])
     assert lone.problems == 1 and lone.ci_low == lone.ci_high == -1.0
     assert "(0 of 1 here)" in "\n".join(comparison_tables([lone]))
+
+
+def test_every_cell_against_one_reference_cell(tmp_path, capsys):
+    """The "search at budget b matches weighted best-of-N at 16" question: each cell paired
+    with one reference cell at another budget, over the problems both have."""
+
+    def scored(problem: str, algorithm: str, budget: int, correct: bool) -> dict:
+        return {**record(problem, budget), "algorithm": algorithm, "correct": correct}
+
+    problems = [f"p{i}" for i in range(40)]
+    records = [scored(p, "wbon", 16, i < 20) for i, p in enumerate(problems)]  # 50%
+    records += [scored(p, "pf", 4, i < 8) for i, p in enumerate(problems)]  # 20%: short of it
+    records += [scored(p, "pf", 8, 2 <= i < 22) for i, p in enumerate(problems)]  # 50%, other problems
+    differences = reference_differences(records, ("wbon", 16), ["wbon", "pf"])
+    by_cell = {(d.algorithm, d.budget): d for d in differences}
+    assert set(by_cell) == {("pf", 4), ("pf", 8)}  # the reference is not set against itself
+    short, level = by_cell[("pf", 4)], by_cell[("pf", 8)]
+    assert short.other == level.other == "wbon at 16"
+    assert short.difference == pytest.approx(-0.3) and short.ci_high < 0
+    assert level.difference == pytest.approx(0.0) and level.ci_low < 0 < level.ci_high
+    table = "\n".join(reference_table(differences))
+    assert "## Every cell against wbon at 16" in table and "| algorithm | budget 4 | budget 8 |" in table
+    assert "| pf | -30.0 (" in table and "(1 of 2 here)" in table
+
+    # From the command line: the table in report.md, the cells in report.json; a cell the
+    # records lack, or a malformed one, is one clear line.
+    out = OutputDir(tmp_path)
+    out.record({}, {"command": ["itscale"], "grid": {"algorithms": ["wbon", "pf"]}})
+    out.results.append(records)
+    code, _ = run_cli(capsys, "report", str(tmp_path), "--compare", "", "--reference", "wbon:16")
+    assert code == 0 and "## Every cell against wbon at 16" in (tmp_path / "report.md").read_text()
+    assert len(json.loads((tmp_path / "report.json").read_text())["reference"]) == 2
+    code, err = run_cli(capsys, "report", str(tmp_path), "--reference", "wbon:32")
+    assert code == 2 and "--reference wbon:32" in err and "pf:4" in err and len(err.splitlines()) == 1
+    code, err = run_cli(capsys, "report", str(tmp_path), "--reference", "wbon")
+    assert code == 2 and "ALGORITHM:BUDGET" in err
 
 
 def test_report_compare_names_an_algorithm_the_directory_has(tmp_path, capsys):

@@ -97,6 +97,13 @@ def add_commands(subparsers: Any) -> None:
         help="another eval directory over the same dataset (another reward, say): every cell both have is "
         "set against it, paired over problems",
     )
+    report.add_argument(
+        "--reference",
+        type=_cell,
+        metavar="ALGORITHM:BUDGET",
+        help="one cell every other cell is set against, paired over problems (e.g. weighted-best-of-n:16: "
+        "does a search at a smaller budget match it?)",
+    )
     report.set_defaults(handler=_report)
 
 
@@ -233,10 +240,17 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _cell(text: str) -> tuple[str, int]:
+    algorithm, _, budget = text.rpartition(":")
+    if not algorithm.strip() or not budget.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected ALGORITHM:BUDGET such as weighted-best-of-n:16, got {text!r}")
+    return algorithm.strip(), int(budget)
+
+
 def _report(args: argparse.Namespace) -> int:
     from itscale.eval.report import print_table, write_report
 
-    rows, paths = write_report(args.directory, compare=args.compare, baseline=args.baseline)
+    rows, paths = write_report(args.directory, compare=args.compare, baseline=args.baseline, reference=args.reference)
     print_table(rows)
     for path in paths.values():
         print(path)

@@ -228,6 +228,26 @@ def paired_differences(records: list[dict[str, Any]], compared: list[str], algor
     return differences
 
 
+def reference_differences(
+    records: list[dict[str, Any]], reference: tuple[str, int], algorithms: list[str]
+) -> list[Difference]:
+    """Every cell against one `reference` cell (algorithm, budget), paired over problems:
+    the form of "method X at budget b matches method Y at 16" claims, which a comparison
+    within one budget cannot answer. Each Difference's `other` names the reference cell."""
+    scores = cell_scores(records)
+    if reference not in scores:
+        have = ", ".join(f"{a}:{b}" for a, b in sorted(scores))
+        raise UsageError(f"--reference {reference[0]}:{reference[1]}: no such cell in the records; they have {have}")
+    order = {a: i for i, a in enumerate(algorithms)}
+    name = f"{reference[0]} at {reference[1]}"
+    out = []
+    for cell in sorted(scores, key=lambda c: (order.get(c[0], len(order)), c)):
+        both = None if cell == reference else paired(scores[cell], scores[reference])
+        if both is not None:
+            out.append(Difference(cell[0], name, cell[1], *both))
+    return out
+
+
 @dataclass
 class BaselineDifference:
     """This study's `algorithm` at `budget` against the same cell of a baseline study (same
@@ -305,13 +325,17 @@ def algorithm_order(config: dict[str, Any]) -> list[str]:
 
 
 def write_report(
-    directory: str | Path, compare: list[str] | None = None, baseline: str | Path | None = None
+    directory: str | Path,
+    compare: list[str] | None = None,
+    baseline: str | Path | None = None,
+    reference: tuple[str, int] | None = None,
 ) -> tuple[list[Row], dict[str, Path]]:
     """Writes report.md, report.json and the plots into `directory`; returns the rows and
     the files' paths. `compare`: the algorithms set against every other, paired over problems
     (default: particle filtering, where the directory has it; [] for none). `baseline`:
     another study's directory over the same dataset; every cell both have is set against it,
-    paired over problems."""
+    paired over problems. `reference`: one (algorithm, budget) cell every other cell is set
+    against, paired over problems."""
     path = Path(directory)
     config, records = load(path)
     records, left_out = complete_problems(records)
@@ -326,6 +350,7 @@ def write_report(
     algorithms = algorithm_order(config)
     rows = summarise(records, algorithms)
     differences = paired_differences(records, compare, algorithms)
+    referenced = reference_differences(records, reference, algorithms) if reference is not None else []
     against: dict[str, Any] | None = None
     if baseline is not None:
         baseline_records, changed = load_baseline(path, baseline, config)
@@ -344,13 +369,14 @@ def write_report(
         "config": config,
         "rows": [asdict(r) for r in rows],
         "differences": [asdict(d) for d in differences],
+        "reference": [asdict(d) for d in referenced],
         "coverage": [asdict(c) for c in curves],
         "notes": notes,
     }
     if against is not None:
         report["baseline"] = {**against, "differences": [asdict(d) for d in against["differences"]]}
     write_json_atomic(paths["json"], report)
-    write_atomic(paths["markdown"], markdown(config, rows, notes, differences, curves, against))
+    write_atomic(paths["markdown"], markdown(config, rows, notes, differences, curves, against, referenced))
     from itscale.eval.plots import plot_coverage, plot_scaling
 
     paths.update(plot_scaling(rows, path, title=_title(config)))
@@ -386,6 +412,7 @@ def markdown(
     differences: list[Difference] = (),
     curves: list[CoverageCurve] = (),
     against: dict[str, Any] | None = None,
+    referenced: list[Difference] = (),
 ) -> str:
     identity = config.get("identity", {})
     settings = identity.get("settings", {})
@@ -448,6 +475,7 @@ def markdown(
         lines += ["", "## Coverage and selection"]
         lines += coverage_table(list(curves))
     lines += comparison_tables(differences)
+    lines += reference_table(list(referenced))
     if against is not None:
         lines += baseline_table(against)
     lines.append("")
@@ -534,12 +562,7 @@ def comparison_tables(differences: list[Difference]) -> list[str]:
             texts = []
             for other in others:
                 d = cell.get((budget, other))
-                texts.append(
-                    ""
-                    if d is None
-                    else f"{100 * d.difference:+.1f} ({100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f})"
-                    + (" **" if _excludes_zero(d) else "")
-                )
+                texts.append("" if d is None else _difference_text(d))
             lines.append(f"| {budget} | " + " | ".join(texts) + " |")
         # Each interval is 95% on its own, not jointly: a table of many comparisons has some
         # ** by chance alone, and a reader should know how many to expect.
@@ -551,6 +574,41 @@ def comparison_tables(differences: list[Difference]) -> list[str]:
             f"if nothing differed, about {len(mine) / 20:.1f} of {len(mine)} would exclude 0 by chance.",
         ]
     return lines
+
+
+def reference_table(differences: list[Difference]) -> list[str]:
+    """Every cell against one reference cell: a row per algorithm, a column per budget."""
+    if not differences:
+        return []
+    name = differences[0].other
+    budgets = sorted({d.budget for d in differences})
+    cell = {(d.algorithm, d.budget): d for d in differences}
+    lines = [
+        "",
+        f"## Every cell against {name}, paired over problems",
+        "",
+        f"Accuracy of each (algorithm, budget) minus that of {name}, in points, over the problems both have, "
+        "with a 95% paired bootstrap interval: where an interval holds 0, that cell is not shown to fall "
+        f"short of {name} (at a smaller budget: the question of matching it with fewer samples).",
+        "",
+        "| algorithm | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+        "| --- |" + " --- |" * len(budgets),
+    ]
+    for algorithm in dict.fromkeys(d.algorithm for d in differences):
+        texts = []
+        for budget in budgets:
+            d = cell.get((algorithm, budget))
+            texts.append("" if d is None else _difference_text(d))
+        lines.append(f"| {algorithm} | " + " | ".join(texts) + " |")
+    flagged = sum(_excludes_zero(d) for d in differences)
+    lines += ["", f"**: the interval excludes 0 ({flagged} of {len(differences)} here)."]
+    return lines
+
+
+def _difference_text(d: Difference) -> str:
+    return f"{100 * d.difference:+.1f} ({100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f})" + (
+        " **" if _excludes_zero(d) else ""
+    )
 
 
 # Below this many problems a percentile bootstrap says nothing (one problem gives the
