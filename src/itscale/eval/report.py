@@ -559,11 +559,7 @@ def comparison_tables(differences: list[Difference]) -> list[str]:
             "| ---: |" + " --- |" * len(others),
         ]
         for budget in sorted({d.budget for d in mine}):
-            texts = []
-            for other in others:
-                d = cell.get((budget, other))
-                texts.append("" if d is None else _difference_text(d))
-            lines.append(f"| {budget} | " + " | ".join(texts) + " |")
+            lines.append(_difference_row(budget, [cell.get((budget, other)) for other in others]))
         # Each interval is 95% on its own, not jointly: a table of many comparisons has some
         # ** by chance alone, and a reader should know how many to expect.
         flagged = sum(_excludes_zero(d) for d in mine)
@@ -595,14 +591,14 @@ def reference_table(differences: list[Difference]) -> list[str]:
         "| --- |" + " --- |" * len(budgets),
     ]
     for algorithm in dict.fromkeys(d.algorithm for d in differences):
-        texts = []
-        for budget in budgets:
-            d = cell.get((algorithm, budget))
-            texts.append("" if d is None else _difference_text(d))
-        lines.append(f"| {algorithm} | " + " | ".join(texts) + " |")
+        lines.append(_difference_row(algorithm, [cell.get((algorithm, budget)) for budget in budgets]))
     flagged = sum(_excludes_zero(d) for d in differences)
     lines += ["", f"**: the interval excludes 0 ({flagged} of {len(differences)} here)."]
     return lines
+
+
+def _difference_row(label: object, differences: list[Difference | None]) -> str:
+    return f"| {label} | " + " | ".join("" if d is None else _difference_text(d) for d in differences) + " |"
 
 
 def _difference_text(d: Difference) -> str:
