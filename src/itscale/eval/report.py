@@ -25,6 +25,7 @@ with its own bootstrap interval), which is the test that says whether one beat t
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,19 @@ def cells_of(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[s
     return cells
 
 
+def in_grid_order(cells: Iterable[tuple[str, int]], algorithms: list[str]) -> list[tuple[str, int]]:
+    """(algorithm, budget) cells in the configuration's algorithm order (algorithms it does
+    not name after, by name), budgets ascending: the order of every table."""
+    order = {a: i for i, a in enumerate(algorithms)}
+    return sorted(cells, key=lambda cell: (order.get(cell[0], len(order)), cell))
+
+
 def summarise(records: list[dict[str, Any]], algorithms: list[str]) -> list[Row]:
     """Rows in the configuration's algorithm order, budgets ascending."""
     cells = cells_of(records)
-    order = {a: i for i, a in enumerate(algorithms)}
     rows = []
-    for (algorithm, budget), group in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 1e9), kv[0])):
+    for algorithm, budget in in_grid_order(cells, algorithms):
+        group = cells[(algorithm, budget)]
         per_problem: dict[str, list[float]] = defaultdict(list)
         any_right: dict[str, list[float]] = defaultdict(list)
         vote_right: dict[str, list[float]] = defaultdict(list)
@@ -215,14 +223,13 @@ def paired_differences(records: list[dict[str, Any]], compared: list[str], algor
     seeds)."""
     scores = cell_scores(records)
     differences = []
-    order = {a: i for i, a in enumerate(algorithms)}
-    cells = sorted(scores.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0]))
+    cells = in_grid_order(scores, algorithms)
     for algorithm in compared:
-        for (other, budget), theirs in cells:
+        for other, budget in cells:
             mine = scores.get((algorithm, budget))
             if other == algorithm or mine is None:
                 continue
-            both = paired(mine, theirs)
+            both = paired(mine, scores[(other, budget)])
             if both is not None:
                 differences.append(Difference(algorithm, other, budget, *both))
     return differences
@@ -238,11 +245,12 @@ def reference_differences(
     if reference not in scores:
         have = ", ".join(f"{a}:{b}" for a, b in sorted(scores))
         raise UsageError(f"--reference {reference[0]}:{reference[1]}: no such cell in the records; they have {have}")
-    order = {a: i for i, a in enumerate(algorithms)}
     name = f"{reference[0]} at {reference[1]}"
     out = []
-    for cell in sorted(scores, key=lambda c: (order.get(c[0], len(order)), c)):
-        both = None if cell == reference else paired(scores[cell], scores[reference])
+    for cell in in_grid_order(scores, algorithms):
+        if cell == reference:
+            continue
+        both = paired(scores[cell], scores[reference])
         if both is not None:
             out.append(Difference(cell[0], name, cell[1], *both))
     return out
@@ -267,9 +275,8 @@ def baseline_differences(
     records: list[dict[str, Any]], baseline: list[dict[str, Any]], algorithms: list[str]
 ) -> list[BaselineDifference]:
     mine, theirs = cell_scores(records), cell_scores(baseline)
-    order = {a: i for i, a in enumerate(algorithms)}
     out = []
-    for cell in sorted(mine.keys() & theirs.keys(), key=lambda c: (order.get(c[0], len(order)), c)):
+    for cell in in_grid_order(mine.keys() & theirs.keys(), algorithms):
         both = paired(mine[cell], theirs[cell])
         if both is None:
             continue
