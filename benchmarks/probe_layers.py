@@ -18,7 +18,9 @@
    and one-hidden-layer MLP, early stopping on a held-out fifth of the training folds'
    problems) per layer, in `--folds` folds split by problem, and prints the held-out AUROC
    of the whole answer's value, pooled and within a problem (the mean over the held-out
-   problems with both right and wrong rollouts), averaged over the folds.
+   problems with both right and wrong rollouts), averaged over the folds, and within a
+   problem the AUROC of every earlier prefix's value against the verdict its rollout reached
+   (what a particle filter's intermediate weights rest on).
 3. With `--train-rollouts`, the same per fold with the training folds cut to about N
    rollouts (whole problems, in a random order): the data-size curve.
 
@@ -37,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from itscale.errors import UsageError
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "benchmarks" / "probe-layers"
 
@@ -50,20 +54,10 @@ def tensor_name(layer: str) -> str:
 def stored(rollouts: Path, problems: int, layers: list[str]) -> dict[str, np.ndarray] | None:
     """The features the rollouts carry for `layers`, as `extract` lays them out, or None when
     some rollout lacks one of them."""
-    from itscale.eval.datasets import load_dataset
-    from itscale.rewards.training import examples_from, rollout_dir, with_layers
+    from itscale.rewards.training import examples_from, training_rollouts, with_layers
 
-    directory = rollout_dir(rollouts)
-    config = directory.read_config()
-    if config is None:
-        sys.exit(f"no rollouts in {rollouts}: sample them with `itscale train-reward --sample-only`")
-    identity = config["identity"]
-    if Path(identity["dataset"]["source"]).stem.endswith("_test"):
-        sys.exit("these rollouts come from a test split: the layer study reads training data only")
-    saved = directory.results.load(repair=False)
-    dataset = load_dataset(identity["dataset"]["source"])
-    records = [saved[p.id] for p in dataset.problems if p.id in saved][:problems]
-    records, missing = with_layers(records, directory, layers)
+    directory, identity, records = training_rollouts(rollouts)
+    records, missing = with_layers(records[:problems], directory, layers)
     if missing:
         return None
     arrays: dict[str, np.ndarray] = {}
@@ -99,19 +93,12 @@ def extract(rollouts: Path, problems: int, threads: int) -> Path:
 
     from itscale.eval.datasets import load_dataset
     from itscale.lm.llamacpp import LlamaCppModel
-    from itscale.rewards.training import rollout_dir
+    from itscale.rewards.training import training_rollouts
     from itscale.types import Prompt
 
-    directory = rollout_dir(rollouts)
-    config = directory.read_config()
-    if config is None:
-        sys.exit(f"no rollouts in {rollouts}: sample them with `itscale train-reward --sample-only`")
-    identity = config["identity"]
-    if Path(identity["dataset"]["source"]).stem.endswith("_test"):
-        sys.exit("these rollouts come from a test split: the layer study reads training data only")
-    saved = directory.results.load()
-    dataset = load_dataset(identity["dataset"]["source"])
-    order = [p for p in dataset.problems if p.id in saved][:problems]
+    _, identity, records = training_rollouts(rollouts)
+    saved = {r["problem"]: r for r in records[:problems]}
+    order = [p for p in load_dataset(identity["dataset"]["source"]).problems if p.id in saved]
     key = hashlib.sha256(json.dumps([str(rollouts), [p.id for p in order]]).encode()).hexdigest()[:12]
     path = CACHE / f"features-pooled-{len(order)}-{key}.npz"
     if path.exists():
@@ -244,16 +231,16 @@ def evaluate(
         f"{folds} folds by problem\n"
     )
     labels = [kind if not rank else f"{kind} rank {rank:g}" for kind, rank in heads]
-    header = " | ".join(f"{k} pooled | {k} within" for k in labels)
+    header = " | ".join(f"{k} pooled | {k} within | {k} prefixes within" for k in labels)
     print(f"| training rollouts | layer | {header} |")
-    print("| ---: | --- |" + " ---: |" * (2 * len(heads)))
+    print("| ---: | --- |" + " ---: |" * (3 * len(heads)))
     for size in sizes:
         for name in names:
             # "a+b": the two feature sets side by side.
             x = np.concatenate([data[part].astype(np.float32) for part in name.split("+")], axis=1)
             cells, used = [], []
             for kind, rank in heads:
-                pooled, within = [], []
+                pooled, within, prefixes = [], [], []
                 for f in range(folds):
                     held = fold_of[problem] == f
                     train_problems = np.flatnonzero(fold_of != f)
@@ -282,8 +269,13 @@ def evaluate(
                     pooled.append(auroc(scores, correct[held & final]))
                     w, _ = auroc_within(scores, correct[held & final], problem[held & final])
                     within.append(w)
-                cells += [f"{np.mean([v for v in pooled if v is not None]):.3f}"]
-                cells += [f"{np.mean([v for v in within if v is not None]):.3f}"]
+                    # Every earlier prefix's value against the verdict its rollout reached:
+                    # what a particle filter's intermediate weights rest on.
+                    early = held & ~final
+                    w, _ = auroc_within(head.predict(x[early]), correct[early], problem[early])
+                    prefixes.append(w)
+                for values in (pooled, within, prefixes):
+                    cells.append(f"{np.mean([v for v in values if v is not None]):.3f}")
             print(f"| {np.mean(used):.0f} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -311,6 +303,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    try:
+        study(args)
+    except UsageError as error:
+        sys.exit(str(error))
+
+
+def study(args: argparse.Namespace) -> None:
     sizes: list[int | None] = [int(n) for n in args.train_rollouts.split(",")] if args.train_rollouts else []
     sizes.append(None)  # every training rollout of the folds
     data = stored(Path(args.rollouts), args.problems, args.layers.split(",")) if args.layers else None

@@ -30,6 +30,7 @@ from itscale.rewards.training import (
     auroc_within,
     split_by_problem,
     train,
+    training_rollouts,
 )
 from itscale.search import make_algorithm
 from itscale.types import Prompt
@@ -542,6 +543,15 @@ def test_monte_carlo_labels_train_on_the_problems_that_have_them(tmp_path) -> No
     # The three labelled problems are the data, and the split is among them.
     assert card["label"] == "mc" and card["data"]["problems"] == 3 and card["validation"]["problems"] == 1
     assert card["data"]["mc_rollouts"] == 2
+    # What the studies of the probe (benchmarks/) read: the records in the dataset's order...
+    _, identity, ordered = training_rollouts(out)
+    assert [r["problem"] for r in ordered] == [f"q{i}" for i in range(6)] and identity["mc_rollouts"] == 2
+    # ...and never a test split's.
+    config = json.loads((out / "config.json").read_text())
+    config["identity"]["dataset"]["source"] = str(tmp_path / "gsm8k_test.jsonl")
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="test split"):
+        training_rollouts(out)
 
 
 def await_run(search, model, reward):

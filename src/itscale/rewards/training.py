@@ -59,6 +59,24 @@ def rollout_dir(path: str | Path):
     return OutputDir(path, results=ROLLOUTS, key=lambda record: record["problem"], kind="itscale train-reward")
 
 
+def training_rollouts(path: str | Path) -> tuple[Any, dict, list[dict[str, Any]]]:
+    """A train-reward directory, its identity and its records in the dataset's order, for
+    studies of the probe: they read training data only, so rollouts of a test split are
+    refused."""
+    from itscale.eval.datasets import load_dataset
+
+    directory = rollout_dir(path)
+    config = directory.read_config()
+    if config is None:
+        raise UsageError(f"no rollouts in {path}: sample them with `itscale train-reward --sample-only`")
+    identity = config["identity"]
+    if Path(identity["dataset"]["source"]).stem.endswith("_test"):
+        raise UsageError(f"{path} holds rollouts of a test split: studies of the probe read training data only")
+    saved = directory.results.load(repair=False)
+    dataset = load_dataset(identity["dataset"]["source"])
+    return directory, identity, [saved[p.id] for p in dataset.problems if p.id in saved]
+
+
 def sampling_identity(lm: Any, dataset: Any, settings: Any, samples: int, mc_rollouts: int, seed: int) -> dict:
     """What a rollout record means; a directory refuses records made another way."""
     return {
