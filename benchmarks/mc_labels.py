@@ -30,23 +30,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import numpy as np
 
 from itscale.errors import UsageError
-
-LABELS = ("outcome", "mc", "mc+own", "outcome, same tokens")
-
-
-def rows(records: list[dict], n_embd: int, label: str, k: int):
-    """Examples of every prefix with `label`; for mc+own the k-continuation fraction and
-    the rollout's own verdict pooled."""
-    from itscale.rewards.training import examples_from
-
-    data = examples_from(records, n_embd, "outcome" if label.startswith("outcome") else "mc")
-    if label == "mc+own":
-        data.labels = np.where(data.final, data.labels, (k * data.labels + data.correct) / (k + 1)).astype(np.float32)
-    return data
 
 
 def rollouts_in(records: list[dict]) -> int:
@@ -57,20 +45,17 @@ def generated_tokens(record: dict) -> int:
     return int(record["usage"]["completion_tokens"])
 
 
-def per_problem_auroc(scores: np.ndarray, correct: np.ndarray, problem: np.ndarray) -> dict[int, float]:
-    from itscale.rewards.training import auroc
-
-    out = {}
-    for p in np.unique(problem):
-        area = auroc(scores[problem == p], correct[problem == p])
-        if area is not None:
-            out[int(p)] = area
-    return out
-
-
 def main() -> None:
     from itscale.eval.report import bootstrap_interval
-    from itscale.rewards.training import TrainSettings, auroc, examples_from, fit, split_by_problem, training_rollouts
+    from itscale.rewards.training import (
+        TrainSettings,
+        auroc,
+        auroc_by_group,
+        examples_from,
+        fit,
+        split_by_problem,
+        training_rollouts,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mc", default="runs/probe-qwen-mc", help="a train-reward --mc-rollouts directory")
@@ -108,7 +93,7 @@ def main() -> None:
     n_embd = mc_identity["generator"]["n_embd"]
     held = examples_from(test, n_embd)
     final = held.final
-    mixed = len(per_problem_auroc(held.correct[final].astype(float), held.correct[final], held.problem[final]))
+    mixed = len(auroc_by_group(held.correct[final].astype(float), held.correct[final], held.problem[final]))
     print(
         f"MC run: {len(mc_records)} problems, {rollouts_in(mc_records)} rollouts, k = {k}, "
         f"{mc_cost:,} generated tokens\n"
@@ -117,8 +102,15 @@ def main() -> None:
         f"held out: {len(test)} problems, {rollouts_in(test)} rollouts ({held.correct[final].mean():.0%} right), "
         f"{mixed} with both right and wrong; {args.seeds} seeds\n"
     )
-    training = {label: rows(mc_records, n_embd, label, k) for label in LABELS[:3]}
-    training[LABELS[3]] = examples_from(same_cost, n_embd)
+    # One set of rows (every MC record has its labels), three labellings of it.
+    mc = examples_from(mc_records, n_embd, "mc")
+    own = np.where(mc.final, mc.labels, (k * mc.labels + mc.correct) / (k + 1))
+    training = {
+        "outcome": replace(mc, labels=mc.correct.astype(np.float32)),
+        "mc": mc,
+        "mc+own": replace(mc, labels=own.astype(np.float32)),
+        "outcome, same tokens": examples_from(same_cost, n_embd),
+    }
     print("| head | labels | training rollouts | answer AUROC pooled | answer AUROC within | prefix AUROC within |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     by_problem: dict[tuple[str, str], list[dict[int, float]]] = {}
@@ -131,8 +123,8 @@ def main() -> None:
                 head, _ = fit(data.subset(~stop), data.subset(stop), kind, TrainSettings(seed=seed))
                 scores = head.predict(held.features)
                 pooled.append(auroc(scores[final], held.correct[final]))
-                answers = per_problem_auroc(scores[final], held.correct[final], held.problem[final])
-                prefixes = per_problem_auroc(scores[~final], held.correct[~final], held.problem[~final])
+                answers = auroc_by_group(scores[final], held.correct[final], held.problem[final])
+                prefixes = auroc_by_group(scores[~final], held.correct[~final], held.problem[~final])
                 within.append(np.mean(list(answers.values())))
                 prefix.append(np.mean(list(prefixes.values())))
                 by_problem.setdefault((kind, label), []).append(answers)
@@ -146,7 +138,7 @@ def main() -> None:
         base = by_problem[(kind, "outcome")]
         problems = sorted(base[0])
         base_mean = np.array([np.mean([s[p] for s in base]) for p in problems])
-        for label in LABELS[1:]:
+        for label in list(training)[1:]:
             other = by_problem[(kind, label)]
             diff = np.array([np.mean([s[p] for s in other]) for p in problems]) - base_mean
             low, high = bootstrap_interval(diff)

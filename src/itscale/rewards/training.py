@@ -398,13 +398,18 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def auroc_within(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[Any]) -> tuple[float | None, int]:
-    """The mean AUROC over groups (problems) with both right and wrong members, and how many."""
+def auroc_by_group(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[Any]) -> dict[Any, float]:
+    """The AUROC of each group (problem) with both right and wrong members."""
     by_group: dict[Any, list[int]] = {}
     for i, g in enumerate(groups):
         by_group.setdefault(g, []).append(i)
     scores, labels = np.asarray(scores), np.asarray(labels, dtype=bool)
-    areas = [a for idx in by_group.values() if (a := auroc(scores[idx], labels[idx])) is not None]
+    return {g: a for g, idx in by_group.items() if (a := auroc(scores[idx], labels[idx])) is not None}
+
+
+def auroc_within(scores: Sequence[float], labels: Sequence[bool], groups: Sequence[Any]) -> tuple[float | None, int]:
+    """The mean AUROC over groups (problems) with both right and wrong members, and how many."""
+    areas = list(auroc_by_group(scores, labels, groups).values())
     return (float(np.mean(areas)) if areas else None), len(areas)
 
 
